@@ -1,0 +1,16 @@
+"""dartsort-si: the DARTsort spike sorter as a SpikeInterface plugin.
+
+`import dartsort_si` registers the sorter, so `si.run_sorter("dartsort", rec)` uses it.
+"""
+
+__version__ = "0.1.0"
+
+from .config import DARTsortUserConfig, default_dartsort_cfg  # noqa: E402
+from .data import DARTsortSorting, MotionInfo  # noqa: E402
+from .pipeline import DARTsortReturn, dartsort  # noqa: E402
+from .sorter import DARTsortSorter, register  # noqa: E402
+
+register()
+
+__all__ = ["dartsort", "DARTsortUserConfig", "DARTsortSorting", "MotionInfo", "DARTsortReturn",
+           "DARTsortSorter", "default_dartsort_cfg"]

@@ -1,0 +1,157 @@
+"""Generated ground-truth recordings for tests, examples and benchmarks.
+
+SpikeInterface's `generate_drifting_recording` fetches named probes from the
+internet, and its recordings cannot be handed to `run_sorter` directly. Here
+we build Neuropixels-like probes offline, save the recording to binary once,
+and keep the ground-truth sorting and true displacement beside it, so every
+caller sorts the same cached data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+DRIFT_CASES = ("static", "rigid", "nonrigid", "bump")
+
+
+def neuropixels_probe(num_channels: int = 128, version: int = 1):
+    """A Neuropixels 1.0 ("NP1000") or 2.0 ("NP2000") probe with its first channels, built offline."""
+    from probeinterface.neuropixels_tools import build_neuropixels_probe
+
+    probe = build_neuropixels_probe("NP1000" if version == 1 else "NP2000")
+    probe = probe.get_slice(np.arange(num_channels))
+    probe.set_device_channel_indices(np.arange(num_channels))
+    return probe
+
+
+def _motion_list(drift: str, duration: float):
+    start = min(5.0, duration / 10)
+    if drift == "static":
+        return []
+    if drift in ("rigid", "nonrigid"):
+        return [
+            dict(
+                drift_mode="zigzag",
+                amplitude_factor=1.0,
+                non_rigid_gradient=0.5 if drift == "nonrigid" else None,
+                t_start_drift=start,
+                t_end_drift=None,
+                period_s=max(20.0, duration / 2),
+            )
+        ]
+    if drift == "bump":
+        return [
+            dict(
+                drift_mode="bump",
+                amplitude_factor=1.0,
+                non_rigid_gradient=None,
+                t_start_drift=start,
+                t_end_drift=None,
+                bump_interval_s=(duration / 4, duration / 2),
+            )
+        ]
+    raise ValueError(f"drift must be one of {DRIFT_CASES}, not {drift!r}")
+
+
+def generate_ground_truth(
+    folder,
+    *,
+    duration: float = 60.0,
+    num_channels: int = 128,
+    num_units: int | None = None,
+    drift: str = "rigid",
+    drift_um: float = 20.0,
+    probe_version: int = 1,
+    seed: int = 0,
+    n_jobs: int = 1,
+):
+    """Generate (or load from `folder`) a drifting ground-truth recording.
+
+    Returns (recording, gt_sorting, info) where the recording is saved binary
+    (so it is serializable for run_sorter) and `info` holds the true motion:
+    `displacement_times_s` and `displacement_um` (n_times, n_units) per unit.
+    """
+    import spikeinterface.full as si
+    from spikeinterface.generation import generate_drifting_recording
+
+    folder = Path(folder)
+    done = folder / "info.json"
+    if done.exists():
+        return _load_ground_truth(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+    if num_units is None:
+        num_units = max(4, num_channels // 3)
+    probe = neuropixels_probe(num_channels, probe_version)
+    motions = _motion_list(drift, duration)
+    displacement_kwargs = dict(
+        displacement_sampling_frequency=5.0,
+        drift_start_um=[0, drift_um],
+        drift_stop_um=[0, -drift_um],
+        drift_step_um=1,
+        motion_list=motions,
+    )
+    if not motions:
+        # a single step of zero displacement: the generator still wants a list
+        displacement_kwargs.update(
+            drift_start_um=[0, 0.0], drift_stop_um=[0, 0.0],
+            motion_list=[dict(drift_mode="zigzag", amplitude_factor=0.0, non_rigid_gradient=None,
+                              t_start_drift=0.0, t_end_drift=None, period_s=duration)],
+        )
+    _, rec, gt, extra = generate_drifting_recording(
+        num_units=num_units,
+        duration=duration,
+        probe=probe,
+        generate_displacement_vector_kwargs=displacement_kwargs,
+        generate_sorting_kwargs=dict(firing_rates=(2.0, 8.0), refractory_period_ms=4.0),
+        extra_outputs=True,
+        seed=seed,
+    )
+    rec.save(folder=folder / "recording", n_jobs=n_jobs, chunk_duration="1s", progress_bar=False)
+    si.NpzSortingExtractor.write_sorting(gt, folder / "gt_sorting.npz")
+    fs_disp = extra["displacement_sampling_frequency"]
+    unit_disp = extra["unit_displacements"]  # (n_times, n_units, 2) in (x, z)
+    np.savez(
+        folder / "motion_truth.npz",
+        displacement_times_s=np.arange(unit_disp.shape[0]) / fs_disp,
+        displacement_um=unit_disp[..., 1],
+        unit_locations=extra["unit_locations"],
+    )
+    info = dict(duration=duration, num_channels=num_channels, num_units=num_units, drift=drift,
+                drift_um=drift_um, probe_version=probe_version, seed=seed)
+    done.write_text(json.dumps(info))
+    return _load_ground_truth(folder)
+
+
+def _load_ground_truth(folder: Path):
+    import spikeinterface.full as si
+
+    rec = si.load(folder / "recording")
+    gt = si.NpzSortingExtractor(folder / "gt_sorting.npz")
+    info = json.loads((folder / "info.json").read_text())
+    with np.load(folder / "motion_truth.npz") as f:
+        info.update({k: f[k] for k in f.files})
+    return rec, gt, info
+
+
+def true_displacement_at(info: dict, times_s: np.ndarray, depths_um: np.ndarray) -> np.ndarray:
+    """True displacement at (time, depth), interpolated from the per-unit displacements.
+
+    The generator moves each unit by its own amount (non-rigid drift); we
+    interpolate over unit depths at the nearest displacement time step.
+    """
+    t = info["displacement_times_s"]
+    disp = info["displacement_um"]
+    unit_z = info["unit_locations"][:, 1]
+    order = np.argsort(unit_z)
+    ti = np.clip(np.searchsorted(t, times_s), 0, len(t) - 1)
+    out = np.empty(len(times_s))
+    for i, (k, z) in enumerate(zip(ti, depths_um)):
+        out[i] = np.interp(z, unit_z[order], disp[k, order])
+    return out

@@ -1,0 +1,220 @@
+"""Point-source localization of spikes, batched in torch.
+
+Each spike is modelled as a point current source at (x, y, z) with y > 0 the
+distance from the probe plane; the amplitude seen on a channel at (x_c, z_c) is
+
+    a_c ~ alpha / sqrt((x - x_c)^2 + y^2 + (z - z_c)^2).
+
+We fit (x, y, z, alpha) by least squares with Levenberg-Marquardt steps that
+run for the whole batch at once. After every step alpha is replaced by its
+closed-form optimum for the new position (the model is linear in alpha), so
+the search is effectively over the 3 position parameters. y is optimised as
+log(y), which keeps it positive without a constraint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+BATCH_SIZE = 4096
+Y_START_UM = 20.0
+MIN_CHANNELS = 4  # fewer valid channels than parameters: fall back to centre of mass
+# bounds on y keep the model away from its singularity on the probe plane
+Y_MIN_UM = 0.1
+Y_MAX_UM = 1000.0
+LAMBDA_START = 1e-2
+LAMBDA_MIN, LAMBDA_MAX = 1e-9, 1e9
+
+
+# -- public API
+
+
+def ptp_amplitudes(waveforms, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Peak-to-peak amplitude per channel of (N, T, K) waveforms, ignoring NaNs.
+
+    Channels that are NaN at every time step (padding) come out NaN.
+    """
+    n = len(waveforms)
+    out = np.empty((n, waveforms.shape[2]), dtype=np.float64)
+    # batches bound the memory of the float64 copy
+    for start in range(0, n, batch_size):
+        chunk = _as_tensor(waveforms[start : start + batch_size], "cpu")
+        out[start : start + len(chunk)] = _nan_ptp(chunk).numpy()
+    return out
+
+
+def localize_waveforms(
+    waveforms,
+    main_channels,
+    geom,
+    channel_index,
+    radius_um: float = 100.0,
+    n_iter: int = 30,
+    device=None,
+) -> np.ndarray:
+    """Localize (N, T, K) waveforms on `channel_index[main_channels]` by their ptp amplitudes.
+
+    Returns (N, 4) float64: x, y, z (absolute probe coordinates), alpha.
+    """
+    amplitudes = ptp_amplitudes(waveforms)
+    return localize_amplitude_vectors(
+        amplitudes, main_channels, geom, channel_index,
+        radius_um=radius_um, n_iter=n_iter, device=device,
+    )
+
+
+def localize_amplitude_vectors(
+    amplitude_vectors,
+    main_channels,
+    geom,
+    channel_index,
+    radius_um: float = 100.0,
+    n_iter: int = 30,
+    device=None,
+    batch_size: int = BATCH_SIZE,
+) -> np.ndarray:
+    """Fit a point source to each (K,) amplitude vector on `channel_index[main_channels]`.
+
+    NaN amplitudes, padding channels and channels farther than `radius_um` from
+    the main channel are ignored. Returns (N, 4) float64: x, y, z, alpha.
+    """
+    device = torch.device("cpu" if device is None else device)
+    amplitudes = _as_numpy(amplitude_vectors)
+    main_channels = _as_numpy(main_channels).astype(np.int64)
+    geom = _as_numpy(geom).astype(np.float64)
+    channel_index = _as_numpy(channel_index).astype(np.int64)
+
+    out = np.empty((len(amplitudes), 4), dtype=np.float64)
+    for start in range(0, len(amplitudes), batch_size):
+        sl = slice(start, start + batch_size)
+        amps, xc, zc, mask, main_xz = _neighborhood_batch(
+            amplitudes[sl], main_channels[sl], geom, channel_index, radius_um, device
+        )
+        out[sl] = _fit_batch(amps, xc, zc, mask, main_xz, n_iter).cpu().numpy()
+    return out
+
+
+# -- input handling
+
+
+def _as_numpy(x) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_tensor(x, device) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.detach().to(device=device, dtype=torch.float64)
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
+
+
+def _nan_ptp(waveforms: torch.Tensor) -> torch.Tensor:
+    nan = torch.isnan(waveforms)
+    top = torch.where(nan, -torch.inf, waveforms).amax(dim=1)
+    bottom = torch.where(nan, torch.inf, waveforms).amin(dim=1)
+    ptp = top - bottom
+    return torch.where(nan.all(dim=1), torch.nan, ptp)
+
+
+def _neighborhood_batch(amplitudes, main_channels, geom, channel_index, radius_um, device):
+    """Amplitudes, channel positions and validity mask on each spike's neighbourhood.
+
+    Invalid entries get amplitude 0 and position 0 so that masked sums stay finite.
+    """
+    n_chans = len(geom)
+    neighbors = channel_index[main_channels]  # (B, K), n_chans at padding
+    padded_geom = np.concatenate([geom, np.full((1, 2), np.nan)], axis=0)
+    positions = padded_geom[neighbors]  # (B, K, 2)
+    main_xz = geom[main_channels]  # (B, 2)
+    dist = np.sqrt(((positions - main_xz[:, None, :]) ** 2).sum(axis=2))
+    amplitudes = amplitudes.astype(np.float64)
+    # NaN distance (padding) compares False, so padding is excluded here too
+    mask = (neighbors < n_chans) & np.isfinite(amplitudes) & (dist <= radius_um)
+
+    amps = np.where(mask, amplitudes, 0.0)
+    positions = np.where(mask[:, :, None], positions, 0.0)
+    to = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
+    return to(amps), to(positions[..., 0]), to(positions[..., 1]), to(mask), to(main_xz)
+
+
+# -- the fit
+
+
+def _fit_batch(amps, xc, zc, mask, main_xz, n_iter):
+    """Levenberg-Marquardt over a batch; returns (B, 4) x, y, z, alpha."""
+    x, z, ok = _center_of_mass(amps, xc, zc, mask, main_xz)
+    logy = torch.full_like(x, np.log(Y_START_UM))
+    alpha, loss = _profile_alpha(amps, xc, zc, mask, x, logy, z)
+    lam = torch.full_like(x, LAMBDA_START)
+
+    for _ in range(n_iter):
+        x_new, logy_new, z_new = _lm_step(amps, xc, zc, mask, x, logy, z, alpha, lam)
+        alpha_new, loss_new = _profile_alpha(amps, xc, zc, mask, x_new, logy_new, z_new)
+        # accept per spike only if the loss went down; otherwise damp harder.
+        # Spikes that must fall back never move.
+        accept = ok & (loss_new < loss)
+        x = torch.where(accept, x_new, x)
+        logy = torch.where(accept, logy_new, logy)
+        z = torch.where(accept, z_new, z)
+        alpha = torch.where(accept, alpha_new, alpha)
+        loss = torch.where(accept, loss_new, loss)
+        lam = torch.where(accept, lam / 3, lam * 3).clamp(LAMBDA_MIN, LAMBDA_MAX)
+
+    return torch.stack([x, logy.exp(), z, alpha], dim=1)
+
+
+def _center_of_mass(amps, xc, zc, mask, main_xz):
+    """Amplitude-weighted (x, z) start, and which spikes have enough data to fit."""
+    weights = amps.clamp(min=0) * mask
+    total = weights.sum(dim=1)
+    ok = (total > 0) & (mask.sum(dim=1) >= MIN_CHANNELS)
+    safe_total = torch.where(total > 0, total, 1.0)
+    # with no positive amplitude at all, stay on the main channel
+    x = torch.where(total > 0, (weights * xc).sum(dim=1) / safe_total, main_xz[:, 0])
+    z = torch.where(total > 0, (weights * zc).sum(dim=1) / safe_total, main_xz[:, 1])
+    return x, z, ok
+
+
+def _inverse_distance(xc, zc, x, logy, z):
+    """dx, y, dz and q = 1/distance from the source to every channel."""
+    dx = x[:, None] - xc
+    dz = z[:, None] - zc
+    y = logy.exp()[:, None]
+    q = torch.rsqrt(dx * dx + y * y + dz * dz)
+    return dx, y, dz, q
+
+
+def _profile_alpha(amps, xc, zc, mask, x, logy, z):
+    """Closed-form best alpha >= 0 for a fixed position, and the resulting loss."""
+    _, _, _, q = _inverse_distance(xc, zc, x, logy, z)
+    q = q * mask
+    num = (amps * q).sum(dim=1)
+    den = (q * q).sum(dim=1)
+    alpha = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0).clamp(min=0)
+    resid = (amps - alpha[:, None] * q) * mask
+    return alpha, (resid * resid).sum(dim=1)
+
+
+def _lm_step(amps, xc, zc, mask, x, logy, z, alpha, lam):
+    """One damped Gauss-Newton step on (x, log y, z, alpha); returns the new position."""
+    dx, y, dz, q = _inverse_distance(xc, zc, x, logy, z)
+    q3 = q * q * q * alpha[:, None]
+    # d(residual)/d(param) with residual = a - alpha * q
+    jac = torch.stack([dx * q3, y * y * q3, dz * q3, -q], dim=2) * mask[:, :, None]
+    resid = (amps - alpha[:, None] * q) * mask
+
+    hess = jac.transpose(1, 2) @ jac  # (B, 4, 4)
+    grad = (jac * resid[:, :, None]).sum(dim=1)  # (B, 4)
+    diag = torch.diagonal(hess, dim1=1, dim2=2)
+    # Marquardt scaling by diag(H), plus a floor so a zero column stays solvable
+    floor = 1e-12 * diag.amax(dim=1, keepdim=True) + 1e-30
+    damped = hess + torch.diag_embed(lam[:, None] * (diag + floor) + floor)
+    step, info = torch.linalg.solve_ex(damped, -grad[:, :, None])
+    step = step[..., 0]
+    good = (info == 0) & torch.isfinite(step).all(dim=1)
+    step = torch.where(good[:, None], step, 0.0)
+
+    logy_new = (logy + step[:, 1]).clamp(np.log(Y_MIN_UM), np.log(Y_MAX_UM))
+    return x + step[:, 0], logy_new, z + step[:, 2]

@@ -1,0 +1,195 @@
+"""Stage 9: template matching (matching pursuit) as a SpikeInterface PeakDetector.
+
+Per chunk: place every unit's registered template on the real probe at the
+chunk's drift, compress it to low rank, and compute for all units and times
+the decrease in the residual's squared norm from subtracting the template
+with its best amplitude scale (Gaussian prior around 1, clipped to
+1 +/- boundary). Greedily take the peaks above matching_threshold**2,
+pick the best sub-sample shift among `temporal_upsamples` versions,
+subtract, and repeat until nothing is left.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from spikeinterface.core.node_pipeline import PeakDetector
+
+from . import waveforms as wf
+from .localization import localize_amplitude_vectors
+from .templates import Templates
+
+spike_dtype = np.dtype([
+    ("sample_index", "int64"), ("channel_index", "int64"), ("amplitude", "float32"),
+    ("segment_index", "int64"), ("unit_index", "int64"), ("scale", "float32"),
+    ("upsample_index", "int16"),
+])
+
+SVD_RANK = 5
+MAX_ITERATIONS = 200
+REFRACTORY_SAMPLES = 10
+
+
+def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
+    """(K, L, C) -> (K, n_up, L, C): versions delayed by (j - n_up//2)/n_up samples (FFT shift)."""
+    k, length, c = data.shape
+    pad = length
+    x = torch.as_tensor(data, dtype=torch.float64)
+    x = F.pad(x.permute(0, 2, 1), (pad, pad))  # (K, C, L + 2 pad)
+    n = x.shape[-1]
+    spec = torch.fft.rfft(x, dim=-1)
+    freqs = torch.fft.rfftfreq(n, dtype=torch.float64)
+    outs = []
+    for j in range(n_up):
+        delay = (j - n_up // 2) / n_up
+        phase = torch.exp(-2j * torch.pi * freqs * delay)
+        y = torch.fft.irfft(spec * phase, n=n, dim=-1)[..., pad: pad + length]
+        outs.append(y.permute(0, 2, 1))
+    return torch.stack(outs, dim=1).float().numpy()
+
+
+class TemplateMatcher(PeakDetector):
+    def __init__(self, recording, templates: Templates, motion_info, cfg, geometry, device="cpu",
+                 with_features=True):
+        super().__init__(recording, return_output=True)
+        self.fs = recording.sampling_frequency
+        self.templates = templates
+        self.motion_info = motion_info
+        self.geometry = geometry
+        self.device = device
+        self.with_features = with_features
+        self.n_before = templates.n_before
+        self.length = templates.data.shape[1]
+        self.threshold = cfg.matching_threshold ** 2
+        self.prior = 0.0 if cfg.amplitude_scaling_stddev == 0 else 1.0 / cfg.amplitude_scaling_stddev ** 2
+        self.boundary = cfg.amplitude_scaling_boundary
+        self.upsampled = fractional_shifts(templates.data, cfg.temporal_upsamples)  # (K, U, L, R)
+        rgeom = motion_info.rgeom
+        self.unit_reg_depths = rgeom[templates.main_channels(), 1]
+
+    def get_margin(self):
+        return 2 * self.length
+
+    def get_dtype(self):
+        return spike_dtype
+
+    # -- templates for this chunk
+    def chunk_templates(self, t_mid_s):
+        """(K, U, L, C) templates on the real probe at time t_mid_s."""
+        k = self.templates.n_units
+        times = np.full(k, t_mid_s)
+        depths = self.motion_info.uncorrect_s(times, self.unit_reg_depths)
+        shifts, _ = self.motion_info.pitch_shifts(times_s=times, depths_um=depths,
+                                                  reg_depths_um=self.unit_reg_depths)
+        maps = np.stack([np.asarray(self.motion_info.registered_channel_map(int(s))) for s in shifts])
+        pad = np.concatenate([self.upsampled, np.zeros_like(self.upsampled[..., :1])], axis=-1)
+        idx = np.where(maps < 0, pad.shape[-1] - 1, maps)
+        real = np.take_along_axis(pad, idx[:, None, None, :], axis=-1)
+        return torch.as_tensor(real, device=self.device)
+
+    def compute(self, traces, start_frame, end_frame, segment_index, max_margin):
+        x = torch.as_tensor(np.asarray(traces, dtype=np.float32), device=self.device)
+        empty = np.zeros(0, dtype=spike_dtype)
+        if self.templates.n_units == 0:
+            return (empty, np.zeros((0, 4), np.float32)) if self.with_features else (empty,)
+        temps = self.chunk_templates((start_frame + end_frame) / 2 / self.fs)
+        residual = x.clone()
+        times, units, scales, ups = self.peel(residual, temps)
+        margin = self.get_margin()
+        keep = (times >= margin) & (times < len(x) - margin)
+        times, units, scales, ups = times[keep], units[keep], scales[keep], ups[keep]
+        base = temps[:, self.upsampled.shape[1] // 2]
+        main = wf.ptp(base).argmax(1)  # (K,) main real channel per unit
+        spikes = np.zeros(len(times), dtype=spike_dtype)
+        spikes["sample_index"] = times.cpu().numpy()
+        spikes["unit_index"] = units.cpu().numpy()
+        spikes["channel_index"] = main[units].cpu().numpy()
+        spikes["scale"] = scales.cpu().numpy()
+        spikes["amplitude"] = (scales * wf.ptp(base).amax(1)[units]).cpu().numpy()
+        spikes["upsample_index"] = ups.cpu().numpy()
+        spikes["segment_index"] = segment_index
+        if not self.with_features:
+            return (spikes,)
+        return spikes, self.localize(residual, temps, times, units, scales, ups, main[units])
+
+    def localize(self, residual, temps, times, units, scales, ups, chans):
+        """Point-source fit on the collision-cleaned waveform: residual + own scaled template."""
+        g = self.geometry
+        offsets = torch.arange(-self.n_before, self.length - self.n_before, device=self.device)
+        own = temps[units, ups] * scales[:, None, None]  # (n, L, C)
+        own = torch.cat([own, torch.zeros_like(own[:, :, :1])], dim=2)
+        cols = g.localization_index[chans]
+        own = torch.gather(own, 2, cols[:, None, :].expand(-1, self.length, -1))
+        cleaned = wf.cut(residual, times, chans, g.localization_index, offsets) + own
+        amps = torch.where(wf.neighbour_mask(g.localization_index, chans), wf.ptp(cleaned), torch.nan)
+        locs = localize_amplitude_vectors(amps, chans.cpu().numpy(), g.geom,
+                                          g.localization_index.cpu().numpy(), device=self.device)
+        return locs.astype(np.float32)
+
+    # -- matching pursuit
+    def peel(self, residual, temps):
+        n_units, n_up, length, n_chans = temps.shape
+        base = temps[:, n_up // 2]
+        u, s, vh = torch.linalg.svd(base, full_matrices=False)  # (K,L,r) (K,r) (K,r,C)
+        rank = min(SVD_RANK, s.shape[1])
+        temporal = u[:, :, :rank].permute(0, 2, 1)  # (K, r, L)
+        spatial = s[:, :rank, None] * vh[:, :rank]  # (K, r, C)
+        norms = (temps ** 2).sum((2, 3))  # (K, U)
+        base_norm = norms[:, n_up // 2]
+        n_t = len(residual) - length + 1
+        blocked = torch.zeros((n_units, n_t), dtype=torch.bool, device=residual.device)
+        found = []
+        for _ in range(MAX_ITERATIONS):
+            conv = self.convolve(residual, temporal, spatial)  # (K, n_t)
+            scale, gain = self.best_scale(conv, base_norm[:, None])
+            gain = gain.masked_fill(blocked, -torch.inf)
+            best, unit = gain.max(0)
+            # one spike per ~quarter template: overlapping ones wait for the next round
+            radius = length // 4
+            pooled = F.max_pool1d(best[None, None], 2 * radius + 1, 1, radius)[0, 0]
+            pick = torch.nonzero((best > self.threshold) & (best == pooled), as_tuple=True)[0]
+            if not len(pick):
+                break
+            unit = unit[pick]
+            t, a, j = self.refine(residual, temps, norms, pick, unit)
+            rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
+            wf_sub = temps[unit, j] * a[:, None, None]
+            residual.index_put_((rows[:, :, None].expand(-1, -1, n_chans).reshape(-1),
+                                 torch.arange(n_chans, device=residual.device).expand(len(t), length, -1).reshape(-1)),
+                                -wf_sub.reshape(-1), accumulate=True)
+            lo = (t - REFRACTORY_SAMPLES).clamp(0, n_t)
+            for d in range(2 * REFRACTORY_SAMPLES + 1):
+                blocked[unit, (lo + d).clamp(max=n_t - 1)] = True
+            found.append((t + self.n_before, unit, a, j))
+        if not found:
+            z = torch.zeros(0, dtype=torch.long, device=residual.device)
+            return z, z, torch.zeros(0, device=residual.device), z
+        t, u_, a, j = (torch.cat(v) for v in zip(*found))
+        order = torch.argsort(t)
+        return t[order], u_[order], a[order], j[order]
+
+    def convolve(self, residual, temporal, spatial):
+        n_units, rank, length = temporal.shape
+        proj = residual @ spatial.reshape(-1, spatial.shape[-1]).T  # (T, K r)
+        out = F.conv1d(proj.T[None], temporal.reshape(-1, 1, length), groups=n_units * rank)[0]
+        return out.reshape(n_units, rank, -1).sum(1)
+
+    def best_scale(self, dot, norm):
+        """Scale maximizing 2 a dot - a^2 norm - prior (a - 1)^2, clipped; returns (a, decrease)."""
+        if self.prior == 0 and self.boundary == 0:
+            a = torch.ones_like(dot)
+        else:
+            a = (dot + self.prior) / (norm + self.prior)
+            a = a.clamp(1 - self.boundary, 1 + self.boundary)
+        return a, 2 * a * dot - a * a * norm
+
+    def refine(self, residual, temps, norms, t, unit):
+        """Best sub-sample version and scale for each picked (time, unit)."""
+        length = temps.shape[2]
+        rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
+        snips = residual[rows]  # (n, L, C)
+        dots = torch.einsum("nlc,nulc->nu", snips, temps[unit])
+        a, gain = self.best_scale(dots, norms[unit])
+        j = gain.argmax(1)
+        return t, a[torch.arange(len(t)), j], j

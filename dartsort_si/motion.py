@@ -1,0 +1,62 @@
+"""Stage 6: motion estimation with DREDge on localized spikes, and the drift raster plot."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("dartsort_si")
+
+
+def estimate_motion(times_s, depths_um, amplitudes, cfg, device=None, progress=True):
+    """DREDge registration of (time, depth, amplitude) spikes; returns a dredge MotionEstimate.
+
+    Rigid or non-rigid per cfg.rigid; bins moving faster than
+    cfg.speed_limit_um_per_s are replaced by interpolation.
+    """
+    import dredge
+    from dredge.motion_util import speed_limit_filter
+
+    ok = np.isfinite(depths_um) & np.isfinite(amplitudes) & (amplitudes > 0)
+    if ok.sum() < 100:
+        raise ValueError(
+            f"Only {ok.sum()} usable spikes for motion estimation; the recording may be too "
+            "short or too quiet. Set do_motion_estimation=False to sort without motion correction."
+        )
+    duration = float(np.ptp(times_s[ok])) if ok.any() else 0.0
+    # a time horizon well under the recording length keeps the solve local and stable
+    kwargs = dict(rigid=cfg.rigid, device=device, pbar=progress)
+    if duration < 600:
+        kwargs["max_dt_s"] = max(duration, 1.0)
+    me, _ = dredge.register(amplitudes[ok], depths_um[ok], times_s[ok], **kwargs)
+    return speed_limit_filter(me, speed_limit_um_per_s=cfg.speed_limit_um_per_s)
+
+
+def plot_drift_raster(path, times_s, depths_um, amplitudes, motion_info=None, title="drift raster"):
+    """Spike depth vs time coloured by amplitude, with the motion estimate overlaid; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if motion_info is not None and motion_info.drifting else 1,
+                             figsize=(12, 5), squeeze=False, sharey=True)
+    amp = np.clip(np.log1p(amplitudes), 0, np.nanpercentile(np.log1p(amplitudes), 99))
+    order = np.argsort(amp)
+    ax = axes[0, 0]
+    ax.scatter(times_s[order], depths_um[order], c=amp[order], s=1, cmap="viridis", lw=0, rasterized=True)
+    ax.set(xlabel="time (s)", ylabel="depth (um)", title=title)
+    if motion_info is not None and motion_info.drifting:
+        t = np.linspace(times_s.min(), times_s.max(), 200)
+        for z in np.linspace(np.nanpercentile(depths_um, 10), np.nanpercentile(depths_um, 90), 5):
+            ax.plot(t, z + motion_info.disp_at_s(t, np.full_like(t, z)), color="r", lw=1)
+        reg = motion_info.correct_s(times_s, depths_um)
+        axes[0, 1].scatter(times_s[order], reg[order], c=amp[order], s=1, cmap="viridis", lw=0,
+                           rasterized=True)
+        axes[0, 1].set(xlabel="time (s)", title="registered")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,182 @@
+"""The `dartsort()` function: every stage in order, each persisted in output_dir.
+
+A step whose output file exists is skipped on the next call (resume); files
+are written atomically, so a killed run restarts at the step it was in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import DARTsortUserConfig, load_config
+from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
+from .preprocessing import check_recording, check_standardized, preprocess
+from .storage import atomic_path, atomic_write_json
+from .subtraction import Geometry, SnippetWindow
+
+logger = logging.getLogger("dartsort_si")
+
+MARKER = "dartsort_si.json"
+# fields that change how fast we run, not what we find: a resume may change them
+_RUNTIME_FIELDS = {
+    "dredge_only", "n_jobs_cpu", "n_jobs_gpu", "n_jobs_small", "n_jobs_small_gpu", "device",
+    "executor", "work_in_tmpdir", "copy_recording_to_tmpdir", "workdir_copier", "tmpdir_parent",
+    "save_intermediates", "save_final_features", "matching_iterations",
+}
+
+
+class DARTsortReturn(dict):
+    """dict with keys 'sorting' (DARTsortSorting or None for dredge_only), 'motion'
+    (MotionInfo or None when motion is off) and 'si_motion' (spikeinterface Motion or None)."""
+
+
+def dartsort(recording, output_dir, cfg=None, motion: MotionInfo | None = None, si_motion=None,
+             dredge_motion_est=None, overwrite=False) -> DARTsortReturn:
+    """Sort `recording`, storing every step's result in `output_dir`.
+
+    cfg: a DARTsortUserConfig, a dict of its fields, or a path to a .toml/.json file.
+    motion / si_motion / dredge_motion_est: an external motion estimate to use
+    instead of running DREDge. overwrite=False resumes from the last finished
+    step (and does nothing if all finished); overwrite=True redoes everything.
+    """
+    cfg = load_config(cfg)
+    check_recording(recording)
+    output_dir = Path(output_dir).absolute()
+    prepare_output_dir(output_dir, cfg, overwrite)
+    if not cfg.work_in_tmpdir:
+        return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est)
+    with tempfile.TemporaryDirectory(dir=cfg.tmpdir_parent, prefix="dartsort_") as tmp:
+        work = Path(tmp) / "work"
+        _copy_tree(output_dir, work, cfg.workdir_copier)
+        _run(recording, work, cfg, motion, si_motion, dredge_motion_est)
+        _copy_tree(work, output_dir, cfg.workdir_copier)
+    # reload from output_dir so h5 pointers point there, not into the deleted tmpdir
+    return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est)
+
+
+def _copy_tree(src: Path, dst: Path, copier: str):
+    if copier == "rsync" and shutil.which("rsync"):
+        import subprocess
+
+        dst.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["rsync", "-a", f"{src}/", f"{dst}/"], check=True)
+    else:
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+# -- output folder bookkeeping
+
+def prepare_output_dir(output_dir: Path, cfg: DARTsortUserConfig, overwrite: bool):
+    """Refuse folders that are not ours; on overwrite, remove only our own files."""
+    marker = output_dir / MARKER
+    if output_dir.exists() and any(output_dir.iterdir()) and not marker.exists():
+        raise ValueError(
+            f"{output_dir} exists, is not empty and is not a dartsort-si output folder; "
+            "refusing to write into it. Pick a new or empty folder."
+        )
+    if marker.exists() and overwrite:
+        for p in output_dir.iterdir():
+            if p.name != MARKER:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif marker.exists():
+        old = json.loads(marker.read_text()).get("config", {})
+        new = cfg.to_dict()
+        changed = sorted(k for k in new if k not in _RUNTIME_FIELDS and old.get(k) != new[k])
+        if changed:
+            raise ValueError(
+                f"{output_dir} holds results computed with different settings ({', '.join(changed)}); "
+                "pass overwrite=True to recompute, or use another folder."
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"dartsort_si_version": __version__, "config": cfg.to_dict()})
+
+
+def job_kwargs_from_config(cfg: DARTsortUserConfig, device: torch.device) -> dict:
+    n = cfg.n_jobs_gpu if device.type == "cuda" else cfg.n_jobs_cpu
+    if n == 0:
+        n = 1
+    elif n < 0:
+        n = max(1, (os.cpu_count() or 1) + 1 + n)
+    engine = "process" if cfg.executor == "ProcessPoolExecutor" else "thread"
+    return dict(n_jobs=n, chunk_size=cfg.chunk_length_samples, pool_engine=engine, progress_bar=True,
+                max_threads_per_worker=max(1, (os.cpu_count() or 1) // n))
+
+
+def resolve_device(cfg) -> torch.device:
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} was asked for but CUDA is not available.")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Timer:
+    """Wall time per stage, logged and saved as timings.json (benchmark profile mode reads it)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.times = json.loads(path.read_text()) if path.exists() else {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                logger.info("dartsort: %s ...", name)
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    timer.times[name] = time.perf_counter() - self.t0
+                    logger.info("dartsort: %s done in %.1f s", name, timer.times[name])
+                    atomic_write_json(timer.path, timer.times)
+
+        return _Ctx()
+
+
+# -- the steps
+
+def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est) -> DARTsortReturn:
+    from . import steps
+
+    device = resolve_device(cfg)
+    job_kwargs = job_kwargs_from_config(cfg, device)
+    timer = Timer(out / "timings.json")
+    with timer("preprocessing"):
+        rec = preprocess(recording, cfg.preprocessing, cfg.preprocessing_dtype)
+        check_standardized(rec)
+        if cfg.copy_recording_to_tmpdir:
+            rec = steps.copy_recording(rec, out, cfg, job_kwargs)
+    geom = rec.get_channel_locations()
+    window = SnippetWindow.from_config(cfg, rec.sampling_frequency)
+    geometry = Geometry.build(geom, cfg, device)
+    ctx = steps.Context(rec, out, cfg, device, job_kwargs, geometry, window, timer)
+
+    models = steps.fit_models(ctx)
+    detected = steps.subtract(ctx, models)
+    motion_info = steps.motion_step(ctx, detected, motion, si_motion, dredge_motion_est)
+    result = DARTsortReturn(sorting=None, motion=motion_info if motion_info.drifting else None,
+                            si_motion=motion_info.si_motion if motion_info.drifting else None)
+    if cfg.dredge_only:
+        return result
+    sorting = steps.initial_clustering(ctx, detected, motion_info)
+    for i in range(1, cfg.matching_iterations + 1):
+        sorting = steps.match(ctx, sorting, motion_info, i)
+    final = out / "dartsort_sorting.npz"
+    if not final.exists():
+        sorting.save(final)
+    result["sorting"] = DARTsortSorting.load(final)
+    logger.info("dartsort: %d units, %d spikes. Timings: %s", result["sorting"].n_units,
+                len(result["sorting"]), {k: round(v, 1) for k, v in timer.times.items()})
+    return result

@@ -1,0 +1,128 @@
+"""The SpikeInterface sorter class: `si.run_sorter("dartsort", recording, ...)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from spikeinterface.sorters.basesorter import BaseSorter
+
+from .config import DARTsortUserConfig
+
+# SpikeInterface job kwargs we accept on top of the config fields; None = use the config's value
+_JOB_PARAMS = {
+    "n_jobs": (None, "Number of workers for chunked steps (overrides n_jobs_cpu / n_jobs_gpu)."),
+    "chunk_duration": (None, "Chunk duration, e.g. '1s' (overrides chunk_length_samples)."),
+    "progress_bar": (True, "Show progress bars on long steps."),
+    "pool_engine": (None, "'thread' or 'process' (overrides executor)."),
+}
+
+
+class DARTsortSorter(BaseSorter):
+    """DARTsort (drift-aware registration, NN-denoised subtraction, template matching),
+    implemented by dartsort-si."""
+
+    sorter_name = "dartsort"
+    requires_locations = True
+    gpu_capability = "nvidia-optional"
+    requires_binary_data = False
+    handle_multi_segment = False
+    compatible_with_parallel = {"loky": True, "multiprocessing": True, "threading": False}
+    sorter_description = (
+        "dartsort-si: the DARTsort algorithm (drift-aware registration, NN-denoised "
+        "subtraction, template matching) implemented on SpikeInterface and torch."
+    )
+    installation_mesg = "pip install dartsort-si"
+
+    _default_params = {**DARTsortUserConfig.field_defaults(), **{k: v[0] for k, v in _JOB_PARAMS.items()}}
+    _params_description = {**DARTsortUserConfig.field_descriptions(),
+                           **{k: v[1] for k, v in _JOB_PARAMS.items()}}
+
+    @classmethod
+    def is_installed(cls):
+        return True
+
+    @classmethod
+    def get_sorter_version(cls):
+        from . import __version__
+
+        return __version__
+
+    @classmethod
+    def use_gpu(cls, params) -> bool:
+        import torch
+
+        device = params.get("device")
+        return (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+
+    @classmethod
+    def _check_params(cls, recording, output_folder, params):
+        config_from_params(params)  # raises ValueError naming the bad field
+        return params
+
+    @classmethod
+    def _setup_recording(cls, recording, sorter_output_folder, params, verbose):
+        pass  # we read the recording SpikeInterface saved beside the sorter folder
+
+    @classmethod
+    def _run_from_folder(cls, sorter_output_folder, params, verbose):
+        from .pipeline import dartsort
+
+        recording = cls.load_recording_from_folder(Path(sorter_output_folder).parent, with_warnings=False)
+        if recording is None:
+            raise ValueError("The recording could not be reloaded; save it to binary before sorting.")
+        cfg = config_from_params(params)
+        work = Path(sorter_output_folder) / "dartsort"
+        result = dartsort(recording, work, cfg)
+        sorting = result["sorting"].to_numpy_sorting()
+        sorting.set_property("main_channel_id", main_channel_ids(result["sorting"], recording, sorting.unit_ids))
+        sorting.save(folder=Path(sorter_output_folder) / "final_sorting", overwrite=True)
+
+    @classmethod
+    def _get_result_from_folder(cls, sorter_output_folder):
+        from spikeinterface.core import load
+
+        return load(Path(sorter_output_folder) / "final_sorting")
+
+
+def config_from_params(params: dict) -> DARTsortUserConfig:
+    """Sorter params -> config, with SpikeInterface job kwargs mapped onto config fields."""
+    fields = {k: v for k, v in params.items() if k not in _JOB_PARAMS}
+    if params.get("n_jobs") is not None:
+        n = int(params["n_jobs"]) if params["n_jobs"] != -1 else -1
+        fields["n_jobs_cpu"] = fields["n_jobs_gpu"] = n
+    if params.get("chunk_duration") is not None:
+        fields["chunk_length_samples"] = _duration_samples(params["chunk_duration"])
+    if params.get("pool_engine") is not None:
+        fields["executor"] = {"thread": "ThreadPoolExecutor", "process": "ProcessPoolExecutor"}[params["pool_engine"]]
+    from .config import from_dict
+
+    return from_dict(fields)
+
+
+def _duration_samples(duration, fs=30000.0):
+    if isinstance(duration, str):
+        value = float(duration.rstrip("ms")) * (1e-3 if duration.endswith("ms") else 1.0)
+    else:
+        value = float(duration)
+    return int(value * fs)
+
+
+def main_channel_ids(dsorting, recording, unit_ids):
+    """The channel where each unit's spikes most often peak."""
+    ids = recording.channel_ids
+    labels, chans = dsorting.labels, dsorting.channels
+    return np.array([ids[np.bincount(chans[labels == u]).argmax()] for u in unit_ids])
+
+
+def register():
+    """Make SpikeInterface's "dartsort" entry point to this package."""
+    from spikeinterface.sorters import sorterlist
+
+    old = sorterlist.sorter_dict.get("dartsort")
+    sorterlist.sorter_dict["dartsort"] = DARTsortSorter
+    lst = sorterlist.sorter_full_list
+    if old in lst:
+        lst[lst.index(old)] = DARTsortSorter
+    elif DARTsortSorter not in lst:
+        lst.append(DARTsortSorter)

@@ -1,0 +1,383 @@
+"""The pipeline's steps. Each reads its inputs, writes one output file
+atomically in the output folder, and returns early when that file exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from spikeinterface.core.node_pipeline import run_node_pipeline
+
+from . import clustering, waveforms as wf
+from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
+from .denoisers import make_denoiser
+from .matching import TemplateMatcher
+from .motion import estimate_motion, plot_drift_raster
+from .channels import make_channel_index
+from .storage import atomic_path, atomic_savez
+from .subtraction import Denoiser, SubtractionPeeler, ThresholdDetector
+from .templates import Templates, estimate_templates
+
+logger = logging.getLogger("dartsort_si")
+
+N_FIT_CHUNKS = 20
+MAX_FIT_SNIPPETS = 20000
+DEDUP_MS = 0.25
+MIN_UNIT_SPIKES = 20
+MERGE_DISTANCE = 0.25
+DECOLLIDER_MAX_SECONDS = 120.0  # cap for long recordings; short ones get less (see fit_models)
+
+
+@dataclass
+class Context:
+    rec: object
+    out: Path
+    cfg: object
+    device: torch.device
+    job_kwargs: dict
+    geometry: object
+    window: object
+    timer: object
+
+    @property
+    def fs(self):
+        return self.rec.sampling_frequency
+
+    @property
+    def dedup_samples(self):
+        return max(1, int(round(DEDUP_MS * self.fs / 1000)))
+
+
+def copy_recording(rec, out, cfg, job_kwargs):
+    folder = out / "preprocessed_recording"
+    if not (folder / "binary.json").exists():
+        import spikeinterface.core as sc
+
+        jk = {k: v for k, v in job_kwargs.items() if k != "chunk_size"}
+        rec.save(folder=folder, dtype=cfg.preprocessing_dtype, overwrite=True, **jk)
+    import spikeinterface.core as sc
+
+    return sc.load(folder)
+
+
+# -- stage 3/4 models: temporal PCA and NN denoiser
+
+def _fit_chunks(ctx, n_chunks=N_FIT_CHUNKS):
+    n = ctx.rec.get_num_samples(0)
+    size = min(ctx.cfg.chunk_length_samples, n)
+    starts = np.linspace(0, n - size, min(n_chunks, max(1, n // size))).astype(int)
+    for s in starts:
+        yield torch.as_tensor(ctx.rec.get_traces(start_frame=s, end_frame=s + size).astype(np.float32))
+
+
+def sample_snippets(ctx):
+    """Spike snippets on the fit-radius neighbourhood, plus single-channel noise snippets."""
+    g, w = ctx.geometry, ctx.window
+    fit_index = torch.as_tensor(make_channel_index(g.geom, ctx.cfg.fit_radius_um))
+    offsets = w.offsets()
+    rng = np.random.default_rng(0)
+    spikes, noise = [], []
+    for x in _fit_chunks(ctx):
+        t, c, _ = wf.find_peaks(x, ctx.cfg.voltage_threshold, ctx.cfg.peak_sign, g.dedup_index.cpu(),
+                                ctx.dedup_samples, valid=(w.n_before, len(x) - w.n_after))
+        snips = wf.cut(x, t, c, fit_index, offsets)
+        snips[~wf.neighbour_mask(fit_index, c)[:, None, :].expand_as(snips)] = torch.nan
+        spikes.append(snips)
+        # noise: random windows that no peak touches on that channel
+        quiet = (x.abs() < ctx.cfg.voltage_threshold).float()
+        quiet_win = torch.nn.functional.avg_pool1d(quiet.T[None], w.length, 1)[0].T >= 1.0
+        ts, cs = torch.nonzero(quiet_win, as_tuple=True)
+        pick = rng.choice(len(ts), min(len(ts), 500), replace=False) if len(ts) else []
+        for i in pick:
+            noise.append(x[ts[i]: ts[i] + w.length, cs[i]])
+    spikes = torch.cat(spikes) if spikes else torch.zeros((0, w.length, fit_index.shape[1]))
+    if len(spikes) > MAX_FIT_SNIPPETS:
+        spikes = spikes[rng.choice(len(spikes), MAX_FIT_SNIPPETS, replace=False)]
+    noise = torch.stack(noise) if noise else torch.zeros((0, w.length))
+    return spikes, noise
+
+
+def decollider_budget_s(duration_s):
+    """Training time for the Decollider: ~20% of the recording's duration, 10 s to 2 min."""
+    return float(np.clip(0.2 * duration_s, 10.0, DECOLLIDER_MAX_SECONDS))
+
+
+def fit_models(ctx):
+    path = ctx.out / "models.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    with ctx.timer("fit_models"):
+        spikes, noise = sample_snippets(ctx)
+        if len(spikes) < 10:
+            raise ValueError(
+                f"Only {len(spikes)} threshold crossings at voltage_threshold="
+                f"{ctx.cfg.voltage_threshold} in the sampled chunks: nothing to sort."
+            )
+        single = spikes.permute(0, 2, 1).reshape(-1, spikes.shape[1])
+        single = single[torch.isfinite(single).all(1)]
+        tpca = wf.TemporalPCA.fit(single.numpy(), ctx.cfg.temporal_pca_rank)
+        w = ctx.window
+        feature_tpca = wf.TemporalPCA.fit(single[:, w.feature_start: w.feature_end].numpy(),
+                                          ctx.cfg.temporal_pca_rank)
+        nn = make_denoiser(ctx.cfg.nn_denoiser_class_name, ctx.cfg.nn_denoiser_pretrained_path,
+                           train_waveforms=spikes.numpy(), noise_snippets=noise.numpy(),
+                           spike_length_samples=w.length, device=ctx.device,
+                           max_seconds=decollider_budget_s(ctx.rec.get_total_duration()))
+        models = dict(tpca=tpca.state(), feature_tpca=feature_tpca.state(), nn=nn.cpu())
+        with atomic_path(path) as tmp:
+            torch.save(models, tmp)
+    return models
+
+
+# -- stage 2/3: detection
+
+def _chunk_slices(ctx):
+    n = ctx.rec.get_num_samples(0)
+    size = ctx.cfg.chunk_length_samples
+    return [(0, s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _run_nodes(ctx, node, slices, name):
+    outs = run_node_pipeline(ctx.rec, [node], ctx.job_kwargs, job_name=name, slices=slices,
+                             squeeze_output=False)
+    return outs
+
+
+def subtract(ctx, models):
+    """Subtraction over a subsample of chunks spread over the recording (or all of it)."""
+    path = ctx.out / "subtraction.h5"
+    if not path.exists():
+        with ctx.timer("subtraction"):
+            _subtract(ctx, models, path)
+    return DARTsortSorting.from_peeling_hdf5(path, load_all_features=True)
+
+
+def _subtract(ctx, models, path):
+    cfg = ctx.cfg
+    denoiser = Denoiser(wf.TemporalPCA(**models["tpca"]), models["nn"], ctx.device)
+    node = SubtractionPeeler(ctx.rec, ctx.geometry, ctx.window, denoiser,
+                             wf.TemporalPCA(**models["feature_tpca"]), cfg, ctx.dedup_samples, ctx.device)
+    slices = _chunk_slices(ctx)
+    order = np.random.default_rng(0).permutation(len(slices))
+    target = cfg.subsampling_spikes or np.inf
+    first = max(1, int(np.ceil(cfg.subsampling_presence * len(slices)))) if cfg.subsampling_spikes else len(slices)
+    parts, done, n_found = [], 0, 0
+    while done < len(slices):
+        todo = first if done == 0 else _more_chunks(n_found, done, target, len(slices) - done)
+        batch = sorted((slices[i] for i in order[done: done + todo]), key=lambda s: s[1])
+        parts.append(_run_nodes(ctx, node, batch, "subtraction"))
+        done += todo
+        n_found += len(parts[-1][0])
+        if n_found >= target and done >= cfg.subsampling_presence * len(slices):
+            break
+    peaks, locs, amp_vecs, feats = (np.concatenate(z) for z in zip(*parts))
+    order = np.argsort(peaks["sample_index"], kind="stable")
+    features = dict(
+        point_source_localizations=locs[order],
+        denoised_ptp_amplitudes=peaks["amplitude"][order],
+        denoised_ptp_amplitude_vectors=amp_vecs[order],
+        collisioncleaned_tpca_features=feats[order],
+    )
+    write_peeling_hdf5(path, times_samples=peaks["sample_index"][order],
+                       channels=peaks["channel_index"][order], sampling_frequency=ctx.fs,
+                       geom=ctx.geometry.geom,
+                       channel_index=ctx.geometry.featurization_index.cpu().numpy(), features=features)
+    (ctx.out / "subtraction_coverage.txt").write_text(f"{done} / {len(slices)} chunks\n")
+    logger.info("dartsort: subtraction found %d spikes in %d of %d chunks", len(peaks), done, len(slices))
+
+
+def _more_chunks(n_found, done, target, left):
+    rate = max(n_found / max(done, 1), 1e-9)
+    return int(min(left, max(1, np.ceil((target - n_found) / rate))))
+
+
+def _covers_all(ctx):
+    text = (ctx.out / "subtraction_coverage.txt").read_text().split()
+    return text[0] == text[2]
+
+
+def motion_spikes(ctx, detected):
+    """Spikes for motion: subtraction's if it covered everything, else a quick threshold pass."""
+    if _covers_all(ctx):
+        return detected.times_samples, detected.point_source_localizations, detected.denoised_ptp_amplitudes
+    path = ctx.out / "motion_peaks.h5"
+    if not path.exists():
+        with ctx.timer("motion_spike_grab"):
+            node = ThresholdDetector(ctx.rec, ctx.geometry, ctx.window, ctx.cfg.motion_voltage_threshold,
+                                     ctx.cfg.peak_sign, ctx.dedup_samples, ctx.device)
+            peaks, locs = _run_nodes(ctx, node, None, "motion spikes")
+            write_peeling_hdf5(path, times_samples=peaks["sample_index"], channels=peaks["channel_index"],
+                               sampling_frequency=ctx.fs, geom=ctx.geometry.geom,
+                               features=dict(point_source_localizations=locs, amplitudes=np.abs(peaks["amplitude"])))
+    s = DARTsortSorting.from_peeling_hdf5(path)
+    return s.times_samples, s.point_source_localizations, s.amplitudes
+
+
+# -- stage 6: motion
+
+def motion_step(ctx, detected, motion, si_motion, dredge_motion_est) -> MotionInfo:
+    path = ctx.out / "motion_info.npz"
+    if path.exists():
+        return MotionInfo.load(path)
+    geom, pad = ctx.geometry.geom, ctx.cfg.probe_boundary_padding_um
+    with ctx.timer("motion"):
+        if motion is not None:
+            info = motion
+        elif si_motion is not None or dredge_motion_est is not None:
+            info = MotionInfo.from_motion_est(geom=geom, si_motion=si_motion, dredge_motion_est=dredge_motion_est,
+                                              probe_boundary_padding_um=pad)
+        elif ctx.cfg.do_motion_estimation:
+            t, locs, amps = motion_spikes(ctx, detected)
+            me = estimate_motion(t / ctx.fs, locs[:, 2], amps, ctx.cfg, device=str(ctx.device))
+            info = MotionInfo.from_motion_est(geom=geom, dredge_motion_est=me, probe_boundary_padding_um=pad)
+        else:
+            info = MotionInfo.from_motion_est(geom=geom, probe_boundary_padding_um=pad)
+        if info.drifting:
+            info.si_motion.save(ctx.out / "si_motion", overwrite=True) if hasattr(info.si_motion, "save") else None
+        t = detected.times_samples / ctx.fs
+        locs = detected.point_source_localizations
+        try:
+            plot_drift_raster(ctx.out / "drift_raster.png", t, locs[:, 2], detected.denoised_ptp_amplitudes, info)
+        except Exception as err:  # a plot must never cost the sort
+            logger.warning("dartsort: drift raster plot failed: %s", err)
+        info.save(path)
+    return info
+
+
+# -- stage 7/8: clustering and templates
+
+def registered_features(ctx, detected, motion_info, idx, center_reg_channel):
+    """Collision-cleaned tPCA features of spikes idx on the registered channels
+    around center_reg_channel: (n, rank * K) with NaN where a spike has no data."""
+    g = ctx.geometry
+    feats = detected.collisioncleaned_tpca_features[idx]  # (n, rank, K)
+    chans = detected.channels[idx]
+    shifts, _ = motion_info.pitch_shifts(times_s=detected.times_samples[idx] / ctx.fs,
+                                         depths_um=detected.point_source_localizations[idx, 2])
+    rmaps = motion_info.registered_channel_map(shifts)  # (n, C)
+    n_reg = len(motion_info.rgeom)
+    ci = g.featurization_index.cpu().numpy()
+    real = ci[chans]  # (n, K)
+    n_chans = len(g.geom)
+    reg = np.where(real < n_chans, np.take_along_axis(np.pad(rmaps, ((0, 0), (0, 1)), constant_values=-1),
+                                                      np.minimum(real, n_chans), 1), -1)
+    full = np.full((len(idx), feats.shape[1], n_reg + 1), np.nan, np.float32)
+    rows = np.repeat(np.arange(len(idx)), real.shape[1])
+    dest = np.where(reg < 0, n_reg, reg).ravel()
+    full[rows, :, dest] = feats.transpose(0, 2, 1).reshape(-1, feats.shape[1])
+    target = np.flatnonzero(np.linalg.norm(motion_info.rgeom - motion_info.rgeom[center_reg_channel], axis=1)
+                            <= ctx.cfg.featurization_radius_um)
+    return full[:, :, target].reshape(len(idx), -1)
+
+
+def initial_clustering(ctx, detected, motion_info) -> DARTsortSorting:
+    path = ctx.out / "initial_labels.npz"
+    if not path.exists():
+        with ctx.timer("clustering"):
+            labels = _cluster(ctx, detected, motion_info)
+            atomic_savez(path, labels=labels)
+    labels = np.load(path)["labels"]
+    return detected.ephemeral_replace(labels=labels)
+
+
+def _cluster(ctx, detected, motion_info):
+    locs = detected.point_source_localizations
+    t_s = detected.times_samples / ctx.fs
+    z_reg = motion_info.correct_s(t_s, locs[:, 2])
+    labels = clustering.cluster_spikes(locs[:, 0], z_reg, detected.denoised_ptp_amplitudes)
+    logger.info("dartsort: initial density clustering: %d clusters", labels.max() + 1)
+    # split each cluster in its own registered feature space
+    new = labels.copy()
+    next_label = labels.max() + 1
+    for u in range(labels.max() + 1):
+        idx = np.flatnonzero(labels == u)
+        reg_center = motion_info.rgeom_kdtree.query([np.median(locs[idx, 0]), np.median(z_reg[idx])])[1]
+        feats = registered_features(ctx, detected, motion_info, idx, reg_center)
+        sub = clustering.split_clusters(np.zeros(len(idx), np.int64), feats, min_cluster_size=MIN_UNIT_SPIKES)
+        for s in np.unique(sub[sub > 0]):
+            new[idx[sub == s]] = next_label
+            next_label += 1
+        new[idx[sub < 0]] = -1
+    _, new[new >= 0] = np.unique(new[new >= 0], return_inverse=True)
+    logger.info("dartsort: after split: %d clusters", new.max() + 1)
+    return new
+
+
+def unit_templates(ctx, sorting, motion_info, name) -> Templates:
+    path = ctx.out / f"{name}.npz"
+    if path.exists():
+        return Templates.load(path)
+    with ctx.timer(name):
+        w = ctx.window
+        temps = estimate_templates(ctx.rec, sorting.times_samples, sorting.labels, motion_info,
+                                   depths_um=sorting.point_source_localizations[:, 2], n_before=w.n_before,
+                                   n_after=w.n_after, job_kwargs=ctx.job_kwargs)
+        temps = merge_templates(temps)
+        temps = temps.subset((temps.counts >= MIN_UNIT_SPIKES) & (temps.ptp() > 0))
+        temps.save(path)
+    return temps
+
+
+def merge_templates(temps: Templates, max_shift=3) -> Templates:
+    """Merge units whose templates match within MERGE_DISTANCE (relative residual norm,
+    best time shift and amplitude scale); merged templates are count-weighted means."""
+    k = temps.n_units
+    data = torch.as_tensor(temps.data, dtype=torch.float32)
+    norms = data.flatten(1).norm(dim=1)
+    main = temps.main_channels()
+    parent = list(range(k))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(k):
+        for j in range(i + 1, k):
+            if main[i] != main[j] and abs(main[i] - main[j]) > 8:
+                continue
+            if _template_distance(data[i], data[j], max_shift) < MERGE_DISTANCE:
+                parent[find(j)] = find(i)
+    roots = np.array([find(i) for i in range(k)])
+    keep = np.unique(roots)
+    merged = np.stack([np.average(temps.data[roots == r], axis=0, weights=temps.counts[roots == r] + 1e-9)
+                       for r in keep]) if k else temps.data
+    counts = np.array([temps.counts[roots == r].sum() for r in keep]) if k else temps.counts
+    if len(keep) < k:
+        logger.info("dartsort: merged %d units into %d", k, len(keep))
+    return Templates(merged.astype(np.float32), temps.unit_ids[keep], counts, temps.n_before)
+
+
+def _template_distance(a, b, max_shift):
+    best = np.inf
+    for s in range(-max_shift, max_shift + 1):
+        bs = torch.roll(b, s, dims=0)
+        scale = (a * bs).sum() / (bs * bs).sum().clamp(min=1e-9)
+        d = (a - scale * bs).norm() / max(a.norm(), 1e-9)
+        best = min(best, float(d))
+    return best
+
+
+# -- stage 9: matching
+
+def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
+    path = ctx.out / f"matching{i}.h5"
+    if not path.exists():
+        temps = unit_templates(ctx, sorting, motion_info, f"templates{i}")
+        with ctx.timer(f"matching{i}"):
+            node = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device)
+            spikes, locs = _run_nodes(ctx, node, None, f"matching {i}")
+            order = np.argsort(spikes["sample_index"], kind="stable")
+            spikes, locs = spikes[order], locs[order]
+            features = dict(point_source_localizations=locs, scales=spikes["scale"],
+                            denoised_ptp_amplitudes=spikes["amplitude"],
+                            upsampling_indices=spikes["upsample_index"].astype(np.int64))
+            write_peeling_hdf5(path, times_samples=spikes["sample_index"], channels=spikes["channel_index"],
+                               labels=temps.unit_ids[spikes["unit_index"]], sampling_frequency=ctx.fs,
+                               geom=ctx.geometry.geom, features=features)
+    return DARTsortSorting.from_peeling_hdf5(path)

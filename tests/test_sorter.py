@@ -1,0 +1,128 @@
+"""The plugin, end to end: registration, params, a whole sort with an accuracy floor, resume."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import spikeinterface.full as si
+
+import dartsort_si
+from dartsort_si import DARTsortSorter, DARTsortUserConfig, dartsort
+from dartsort_si.pipeline import MARKER, prepare_output_dir
+
+from conftest import FAST_PARAMS
+
+
+def test_registered_in_spikeinterface():
+    from spikeinterface.sorters import sorterlist
+
+    assert sorterlist.sorter_dict["dartsort"] is DARTsortSorter
+    assert DARTsortSorter in sorterlist.sorter_full_list
+    assert "dartsort" in si.installed_sorters()
+    assert si.get_sorter_version("dartsort") if hasattr(si, "get_sorter_version") else True
+
+
+def test_params_round_trip():
+    params = si.get_default_sorter_params("dartsort")
+    desc = si.get_sorter_params_description("dartsort")
+    fields = DARTsortUserConfig.field_defaults()
+    for k, v in fields.items():
+        assert params[k] == v, k
+        assert isinstance(desc[k], str) and desc[k], k
+    assert {"n_jobs", "chunk_duration", "progress_bar", "pool_engine"} <= set(params)
+    from dartsort_si.sorter import config_from_params
+
+    cfg = config_from_params({**params, "voltage_threshold": 4.5, "n_jobs": 2, "chunk_duration": "0.5s"})
+    assert cfg.voltage_threshold == 4.5 and cfg.n_jobs_cpu == 2 and cfg.chunk_length_samples == 15000
+
+
+def test_bad_param_is_refused(gt_data, tmp_path):
+    rec, _, _ = gt_data
+    with pytest.raises(Exception, match="voltage_threshold"):
+        si.run_sorter("dartsort", rec, folder=tmp_path / "x", voltage_threshold=-2.0)
+    with pytest.raises(ValueError, match="Invalid parameters"):
+        si.run_sorter("dartsort", rec, folder=tmp_path / "y", voltage_treshold=4.0)
+
+
+def test_end_to_end_accuracy(sorted_with_run_sorter, gt_data):
+    sorting, folder = sorted_with_run_sorter
+    rec, gt, _ = gt_data
+    perf = si.compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True).get_performance()
+    well = int((perf["accuracy"].astype(float) >= 0.8).sum())
+    print(f"well detected: {well} of {len(perf)}")
+    assert well >= len(perf) // 3
+    assert sorting.get_num_units() >= well
+    main = sorting.get_property("main_channel_id")
+    assert main is not None and set(main) <= set(rec.channel_ids)
+
+
+def test_outputs_on_disk(sorted_with_run_sorter):
+    from spikeinterface.core.motion import Motion
+
+    _, folder = sorted_with_run_sorter
+    out = folder / "sorter_output" / "dartsort"
+    for name in ["subtraction.h5", "matching1.h5", "dartsort_sorting.npz", "motion_info.npz",
+                 "models.pt", "templates1.npz", "drift_raster.png", MARKER, "timings.json"]:
+        assert (out / name).exists(), name
+    motion = Motion.load(out / "si_motion")
+    assert motion.displacement[0].shape[0] == len(motion.temporal_bins_s[0])
+    loaded = dartsort_si.DARTsortSorting.load(out / "dartsort_sorting.npz")
+    assert loaded.point_source_localizations.shape == (len(loaded), 4)
+
+
+def test_analyzer_loads_result(sorted_with_run_sorter, gt_data):
+    sorting, _ = sorted_with_run_sorter
+    rec, _, _ = gt_data
+    analyzer = si.create_sorting_analyzer(sorting, rec, sparse=False)
+    analyzer.compute(["random_spikes", "templates"])
+    templates = analyzer.get_extension("templates").get_data()
+    assert templates.shape[0] == sorting.get_num_units()
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file() and p.name != MARKER}
+
+
+def test_resume_does_nothing_when_finished(sorted_with_run_sorter, gt_data, tmp_path):
+    _, folder = sorted_with_run_sorter
+    rec, _, _ = gt_data
+    out = shutil.copytree(folder / "sorter_output" / "dartsort", tmp_path / "copy")
+    before = _mtimes(out)
+    cfg = {**FAST_PARAMS}
+    res = dartsort(rec, out, cfg=cfg)
+    assert _mtimes(out) == before
+    assert res["sorting"].n_units > 0 and res["motion"] is not None and res["si_motion"] is not None
+
+
+def test_killed_run_restarts_cleanly(sorted_with_run_sorter, gt_data, tmp_path):
+    _, folder = sorted_with_run_sorter
+    rec, _, _ = gt_data
+    out = shutil.copytree(folder / "sorter_output" / "dartsort", tmp_path / "copy")
+    reference = dartsort_si.DARTsortSorting.load(out / "dartsort_sorting.npz")
+    # as if killed while writing matching1.h5: no final file, a half-written temp beside it
+    (out / "matching1.h5").unlink()
+    (out / "dartsort_sorting.npz").unlink()
+    (out / ".matching1.h5.abc123.tmp.h5").write_bytes(b"half a file")
+    kept = {n: (out / n).stat().st_mtime_ns for n in ["models.pt", "subtraction.h5", "templates1.npz"]}
+    res = dartsort(rec, out, cfg=FAST_PARAMS)
+    for n, t in kept.items():
+        assert (out / n).stat().st_mtime_ns == t, f"{n} was recomputed"
+    assert (out / "matching1.h5").exists()
+    np.testing.assert_array_equal(res["sorting"].times_samples, reference.times_samples)
+    np.testing.assert_array_equal(res["sorting"].labels, reference.labels)
+
+
+def test_changed_settings_need_overwrite(tmp_path):
+    out = tmp_path / "o"
+    prepare_output_dir(out, DARTsortUserConfig(), overwrite=False)
+    (out / "subtraction.h5").write_bytes(b"x")
+    (out / "mine.txt").write_text("user file")
+    with pytest.raises(ValueError, match="voltage_threshold"):
+        prepare_output_dir(out, DARTsortUserConfig(voltage_threshold=4.0), overwrite=False)
+    # runtime-only fields may change on resume
+    prepare_output_dir(out, DARTsortUserConfig(n_jobs_cpu=2), overwrite=False)
+    prepare_output_dir(out, DARTsortUserConfig(voltage_threshold=4.0), overwrite=True)
+    assert not (out / "subtraction.h5").exists()
+    assert json.loads((out / MARKER).read_text())["config"]["voltage_threshold"] == 4.0
