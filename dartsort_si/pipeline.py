@@ -137,9 +137,12 @@ class Timer:
                 logger.info("dartsort: %s ...", name)
 
             def __exit__(self, *exc):
-                if exc[0] is None:
-                    timer.times[name] = time.perf_counter() - self.t0
-                    logger.info("dartsort: %s done in %.1f s", name, timer.times[name])
+                if exc[0] is not None:
+                    return
+                elapsed = time.perf_counter() - self.t0
+                logger.info("dartsort: %s done in %.1f s", name, elapsed)
+                if name not in timer.times:  # keep the first run's figure; a resume redoes only cheap steps
+                    timer.times[name] = elapsed
                     atomic_write_json(timer.path, timer.times)
 
         return _Ctx()

@@ -134,6 +134,11 @@ class Denoiser:
             clean[todo] = self._project(sub, self._nn(sub, sig), sig)
         return clean
 
+    def denoise_ungated(self, snippets, mask):
+        """NN (if any) then temporal PCA on every real channel, no channel gate."""
+        out = self._nn(snippets, mask) if self.nn_model is not None else snippets
+        return self.tpca.project(out) * mask[:, None, :]
+
     def project_only(self, snippets, mask):
         return self._project(snippets, snippets, mask)
 
@@ -332,17 +337,20 @@ class SubtractionPeeler(PeakDetector):
 
     def featurize(self, residual, times, chans, waves, segment_index):
         g, w = self.geometry, self.window
-        loc_pos = g.loc_in_sub[chans]
-        amps = wf.ptp(take_channels(waves, loc_pos))
-        amps = torch.where(wf.neighbour_mask(g.localization_index, chans), amps, torch.nan)
-        main_amp = wf.ptp(waves[:, :, :1])[:, 0] if len(waves) else torch.zeros(0, device=self.device)
+        offsets = w.offsets(self.device)
+        # amplitudes from the collision-cleaned snippet (residual + own waveform), denoised
+        # without the channel gate: small channels matter to the point-source fit
+        loc_mask = wf.neighbour_mask(g.localization_index, chans)
+        cleaned = wf.cut(residual, times, chans, g.localization_index, offsets)
+        cleaned = cleaned + take_channels(waves, g.loc_in_sub[chans])
+        amps = wf.ptp(self.denoiser.denoise_ungated(cleaned, loc_mask))
+        amps = torch.where(loc_mask, amps, torch.nan)
+        main_amp = torch.nan_to_num(amps, nan=0.0).amax(1) if len(amps) else torch.zeros(0, device=self.device)
         peaks = _peak_array(times, chans, main_amp, segment_index)
         locs = localize_amplitude_vectors(amps, chans.cpu().numpy(), g.geom,
                                           g.localization_index.cpu().numpy(), device=self.device)
-        # collision-cleaned: the residual plus this spike's own denoised waveform
-        offsets = w.offsets(self.device)
-        feat_pos = g.feat_in_sub[chans]
-        cleaned = wf.cut(residual, times, chans, g.featurization_index, offsets) + take_channels(waves, feat_pos)
+        cleaned = wf.cut(residual, times, chans, g.featurization_index, offsets)
+        cleaned = cleaned + take_channels(waves, g.feat_in_sub[chans])
         cleaned = cleaned[:, w.feature_start: w.feature_end]
         feats = self.feature_tpca.transform(cleaned) * wf.neighbour_mask(g.featurization_index, chans)[:, None, :]
         return (peaks, locs.astype(np.float32), amps.cpu().numpy().astype(np.float32),
