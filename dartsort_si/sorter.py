@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,11 @@ class DARTsortSorter(BaseSorter):
 def config_from_params(params: dict) -> DARTsortUserConfig:
     """Sorter params -> config, with SpikeInterface job kwargs mapped onto config fields."""
     fields = {k: v for k, v in params.items() if k not in _JOB_PARAMS}
-    if params.get("n_jobs") is not None:
-        n = int(params["n_jobs"]) if params["n_jobs"] != -1 else -1
-        fields["n_jobs_cpu"] = fields["n_jobs_gpu"] = n
+    n = params.get("n_jobs")
+    if n is not None:
+        if isinstance(n, float) and 0 < n <= 1:  # SpikeInterface's "fraction of the cores"
+            n = max(1, int(n * (os.cpu_count() or 1)))
+        fields["n_jobs_cpu"] = fields["n_jobs_gpu"] = int(n)
     if params.get("chunk_duration") is not None:
         fields["chunk_length_samples"] = _duration_samples(params["chunk_duration"])
     if params.get("pool_engine") is not None:

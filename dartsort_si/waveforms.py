@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 
 def find_peaks(traces: torch.Tensor, threshold: float, peak_sign: str, dedup_index: torch.Tensor,
-               dedup_samples: int = 7, valid: tuple[int, int] | None = None,
-               allowed: torch.Tensor | None = None):
+               dedup_samples: int = 7, valid: tuple[int, int] | None = None):
     """Threshold crossings that are the biggest event within `dedup_samples`
     in time and within the dedup neighbourhood in space.
 
     Returns (times, channels, energies) where energy is |voltage| (or the
     signed voltage for 'neg'/'pos'). The dedup neighbourhood suppresses the
     secondary channels of a big spike, not just smaller spikes nearby.
+    Works on the (few) crossings only, not on the whole chunk.
     """
     if peak_sign == "neg":
         energy = -traces
@@ -28,43 +28,42 @@ def find_peaks(traces: torch.Tensor, threshold: float, peak_sign: str, dedup_ind
         energy = traces
     else:
         energy = traces.abs()
-    energy = torch.where(energy >= threshold, energy, torch.zeros((), dtype=energy.dtype, device=energy.device))
+    lo, hi = valid if valid is not None else (0, len(traces))
+    times, chans = torch.nonzero(energy[lo:hi] >= threshold, as_tuple=True)
+    times = times + lo
+    window = torch.arange(-dedup_samples, dedup_samples + 1, device=traces.device)
+    rows = (times[:, None] + window[None, :]).clamp(0, len(traces) - 1)  # (n, W)
+    own = energy[times, chans]
     # biggest within the time window on its own channel ...
-    pooled = F.max_pool1d(energy.T[None], kernel_size=2 * dedup_samples + 1, stride=1, padding=dedup_samples)[0].T
-    is_peak = (energy > 0) & (energy == pooled)
-    if valid is not None:
-        is_peak[: valid[0]] = False
-        is_peak[valid[1]:] = False
-    if allowed is not None:  # (T,) or (T, C) bool: where peaks may be
-        is_peak &= allowed if allowed.ndim == 2 else allowed[:, None]
-    # ... and within the dedup neighbourhood (checked only at those candidates)
-    times, chans = torch.nonzero(is_peak, as_tuple=True)
-    padded = torch.cat([pooled, torch.zeros_like(pooled[:, :1])], dim=1)
-    neighbours_max = padded[times[:, None], dedup_index[chans]].amax(1)
-    keep = energy[times, chans] >= neighbours_max
-    times, chans = times[keep], chans[keep]  # sorted by time, then channel
-    energies = energy[times, chans]
-    return times, chans, energies
+    is_peak = own >= energy[rows, chans[:, None]].amax(1)
+    times, chans, own, rows = times[is_peak], chans[is_peak], own[is_peak], rows[is_peak]
+    # ... and within the dedup neighbourhood
+    n_chans = traces.shape[1]
+    neighbours = dedup_index[chans]  # (n, K)
+    real = neighbours < n_chans
+    around = energy[rows[:, :, None], neighbours.clamp(max=n_chans - 1)[:, None, :]]  # (n, W, K)
+    around = torch.where(real[:, None, :], around, torch.zeros((), dtype=around.dtype, device=around.device))
+    keep = own >= around.amax((1, 2))
+    return times[keep], chans[keep], own[keep]
 
 
 def cut(traces: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,
         channel_index: torch.Tensor, offsets: torch.Tensor):
     """Snippets (n, len(offsets), K) at times+offsets on channel_index[chans]; zeros at padding."""
-    padded = torch.cat([traces, torch.zeros_like(traces[:, :1])], dim=1)
+    n_chans = traces.shape[1]
+    cols = channel_index[chans]
     rows = (times[:, None] + offsets[None, :])[:, :, None]
-    cols = channel_index[chans][:, None, :]
-    return padded[rows, cols]
+    out = traces[rows, cols.clamp(max=n_chans - 1)[:, None, :]]
+    return out * (cols < n_chans)[:, None, :]
 
 
 def add(traces: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,
         channel_index: torch.Tensor, offsets: torch.Tensor, snippets: torch.Tensor):
     """In place: traces[times+offsets, channel_index[chans]] += snippets (padding dropped)."""
-    n_t, n_c = traces.shape
-    padded = torch.cat([traces, torch.zeros_like(traces[:, :1])], dim=1)
-    rows = (times[:, None] + offsets[None, :])[:, :, None].expand_as(snippets)
     cols = channel_index[chans][:, None, :].expand_as(snippets)
-    padded.index_put_((rows.reshape(-1), cols.reshape(-1)), snippets.reshape(-1), accumulate=True)
-    traces.copy_(padded[:, :n_c])
+    rows = (times[:, None] + offsets[None, :])[:, :, None].expand_as(snippets)
+    real = cols < traces.shape[1]
+    traces.index_put_((rows[real], cols[real]), snippets[real], accumulate=True)
 
 
 def neighbour_mask(channel_index: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,56 @@
+"""Subtraction peels overlapping spikes apart where threshold detection merges them."""
+
+import numpy as np
+import spikeinterface.full as si
+import torch
+from spikeinterface.core.node_pipeline import run_node_pipeline
+
+from dartsort_si import waveforms as wf
+from dartsort_si.config import DARTsortUserConfig
+from dartsort_si.denoisers import shipped_single_channel_denoiser
+from dartsort_si.ground_truth import neuropixels_probe
+from dartsort_si.subtraction import Denoiser, Geometry, SnippetWindow, SubtractionPeeler, ThresholdDetector
+
+
+def _found_both(peaks, events):
+    t = peaks["sample_index"]
+    return sum(all(np.abs(t - e).min() <= 3 for e in pair) for pair in events)
+
+
+def test_subtraction_separates_overlapping_spikes():
+    fs = 30000
+    probe = neuropixels_probe(32)
+    geom = probe.contact_positions
+    rng = np.random.default_rng(0)
+    T = 3 * fs
+    traces = rng.standard_normal((T, 32)).astype('float32')
+    t_axis = np.arange(121) - 42
+    shape = -np.exp(-0.5 * (t_axis / 4) ** 2) + 0.35 * np.exp(-0.5 * ((t_axis - 15) / 8) ** 2)
+    shape /= np.ptp(shape)
+    def plant(t0, pos, amp):
+        d = np.linalg.norm(geom - pos, axis=1)
+        spatial = amp * np.exp(-d / 25.0)
+        traces[t0 - 42: t0 + 79] += shape[:, None] * spatial[None, :]
+    A = np.array([16.0, 160.0]); B = A + [32, 20]   # ~38 um apart
+    events = []
+    for k in range(20):
+        t0 = 5000 + k * 4000
+        plant(t0, A, 40.0); plant(t0 + 6, B, 20.0)
+        events.append((t0, t0 + 6))
+    rec = si.NumpyRecording(traces, fs); rec.set_probe(probe, in_place=True)
+    cfg = DARTsortUserConfig(preprocessing='none')
+    g = Geometry.build(geom, cfg); w = SnippetWindow.from_config(cfg, fs)
+    single = torch.as_tensor(np.concatenate([shape[None] * a for a in np.linspace(5, 40, 50)] + [rng.standard_normal((200,121))]), dtype=torch.float32)
+    tpca = wf.TemporalPCA.fit(single.numpy(), 8)
+    ftpca = wf.TemporalPCA.fit(single[:, w.feature_start:w.feature_end].numpy(), 8)
+    den = Denoiser(tpca, shipped_single_channel_denoiser())
+    node = SubtractionPeeler(rec, g, w, den, ftpca, cfg, 8)
+    peaks = run_node_pipeline(rec, [node], dict(n_jobs=1, chunk_size=30000, progress_bar=False), squeeze_output=False)[0]
+    thr = run_node_pipeline(rec, [ThresholdDetector(rec, g, w, 3.0, 'both', 8, localize=False)], dict(n_jobs=1, chunk_size=30000, progress_bar=False))
+
+    sub_both = _found_both(peaks, events)
+    thr_both = _found_both(thr, events)
+    print(f"both spikes found: subtraction {sub_both}/20, threshold {thr_both}/20; subtraction events {len(peaks)}")
+    assert sub_both >= 18
+    assert thr_both <= 10
+    assert len(peaks) <= 60  # 40 planted spikes; few false ones on pure noise
