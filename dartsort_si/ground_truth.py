@@ -144,14 +144,16 @@ def true_displacement_at(info: dict, times_s: np.ndarray, depths_um: np.ndarray)
     """True displacement at (time, depth), interpolated from the per-unit displacements.
 
     The generator moves each unit by its own amount (non-rigid drift); we
-    interpolate over unit depths at the nearest displacement time step.
+    interpolate linearly in time between displacement steps, then over unit
+    depths (constant beyond the shallowest / deepest unit).
     """
-    t = info["displacement_times_s"]
-    disp = info["displacement_um"]
-    unit_z = info["unit_locations"][:, 1]
+    t = np.asarray(info["displacement_times_s"], dtype=float)
+    disp = np.asarray(info["displacement_um"], dtype=float)
+    unit_z = np.asarray(info["unit_locations"])[:, 1]
     order = np.argsort(unit_z)
-    ti = np.clip(np.searchsorted(t, times_s), 0, len(t) - 1)
-    out = np.empty(len(times_s))
-    for i, (k, z) in enumerate(zip(ti, depths_um)):
-        out[i] = np.interp(z, unit_z[order], disp[k, order])
-    return out
+    times_s, depths_um = np.broadcast_arrays(np.asarray(times_s, dtype=float), np.asarray(depths_um, dtype=float))
+    flat_t, flat_z = times_s.ravel(), depths_um.ravel()
+    # (n_query, n_units): each unit's displacement at the query times
+    per_unit = np.stack([np.interp(flat_t, t, disp[:, u]) for u in order], axis=1)
+    out = np.array([np.interp(z, unit_z[order], row) for z, row in zip(flat_z, per_unit)])
+    return out.reshape(times_s.shape)

@@ -26,6 +26,15 @@ from .subtraction import Geometry, SnippetWindow
 
 logger = logging.getLogger("dartsort_si")
 
+
+def _ensure_log_output():
+    """Show our INFO lines (stage starts/ends, counts) unless the user configured logging."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
 MARKER = "dartsort_si.json"
 # fields that change how fast we run, not what we find: a resume may change them
 _RUNTIME_FIELDS = {
@@ -49,6 +58,7 @@ def dartsort(recording, output_dir, cfg=None, motion: MotionInfo | None = None, 
     instead of running DREDge. overwrite=False resumes from the last finished
     step (and does nothing if all finished); overwrite=True redoes everything.
     """
+    _ensure_log_output()
     cfg = load_config(cfg)
     check_recording(recording)
     output_dir = Path(output_dir).absolute()

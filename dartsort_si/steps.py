@@ -28,7 +28,7 @@ N_FIT_CHUNKS = 20
 MAX_FIT_SNIPPETS = 20000
 DEDUP_MS = 0.25
 MIN_UNIT_SPIKES = 20
-MERGE_DISTANCE = 0.25
+MERGE_DISTANCE = 0.35
 DECOLLIDER_MAX_SECONDS = 120.0  # cap for long recordings; short ones get less (see fit_models)
 
 
