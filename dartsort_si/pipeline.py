@@ -161,10 +161,22 @@ class Timer:
 # -- the steps
 
 def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est) -> DARTsortReturn:
-    from . import steps
-
     device = resolve_device(cfg)
     job_kwargs = job_kwargs_from_config(cfg, device)
+    # torch's own thread pool ignores SpikeInterface's per-worker limits: n_jobs workers
+    # with a full pool each oversubscribe the cores (measured 3-5x slower on 2 cores)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) // job_kwargs["n_jobs"])))
+    try:
+        return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs):
+    from . import steps
+
     timer = Timer(out / "timings.json")
     with timer("preprocessing"):
         rec = preprocess(recording, cfg.preprocessing, cfg.preprocessing_dtype)

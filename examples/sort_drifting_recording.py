@@ -19,7 +19,7 @@ def main():
     parser.add_argument("--channels", type=int, default=128)
     parser.add_argument("--drift", default="rigid", choices=["static", "rigid", "nonrigid", "bump"])
     parser.add_argument("--folder", default="/tmp/dartsort_example")
-    parser.add_argument("--n-jobs", type=int, default=1)
+    parser.add_argument("--n-jobs", type=int, default=2)
     args = parser.parse_args()
 
     folder = Path(args.folder)

@@ -46,9 +46,9 @@ def test_parsers(rb):
 def test_harness_tiny_case(rb, tmp_path):
     sorters = ["dartsort", "spykingcircus2"]
     case = rb.Case("rigid", probe_version=1, duration=10.0, num_channels=32, num_units=8, seed=1)
-    params = {"dartsort": {"nn_denoiser_class_name": "SingleChannelWaveformDenoiser"}}
+    params = {"dartsort": {"nn_denoiser_class_name": "SingleChannelWaveformDenoiser", "preprocessing": "standardize"}}
     rows = rb.run_case(case, sorters, cache_dir=tmp_path / "cache", params=params, default_timeout=150.0,
-                       n_jobs=1, si_motion=True, log=print)
+                       n_jobs=2, si_motion=True, log=print)
     # and one run cut by its wall-time limit: reported, not raised
     rows += rb.run_case(case, ["tridesclous2"], cache_dir=tmp_path / "cache", default_timeout=2.0, n_jobs=1,
                         si_motion=False, log=print)
