@@ -56,7 +56,7 @@ def main():
                                        duration=args.duration, num_channels=args.channels, drift=args.drift)
     fs = rec.sampling_frequency
     out = cache / f"detection_{args.drift}_{args.duration:g}s_{args.channels}ch_{args.denoiser}"
-    res = dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
+    dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
                                                    nn_denoiser_class_name=args.denoiser))
     sub = dartsort_si.DARTsortSorting.from_peeling_hdf5(out / "subtraction.h5")
     sub_recall, sub_fp = recall_and_fp(sub.times_samples, gt, fs)

@@ -14,14 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import __version__
 from .config import DARTsortUserConfig, load_config
-from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
+from .data import DARTsortSorting, MotionInfo
 from .preprocessing import check_recording, check_standardized, preprocess
-from .storage import atomic_path, atomic_write_json
+from .storage import atomic_write_json
 from .subtraction import Geometry, SnippetWindow
 
 logger = logging.getLogger("dartsort_si")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def find_peaks(traces: torch.Tensor, threshold: float, peak_sign: str, dedup_index: torch.Tensor,

@@ -15,7 +15,7 @@ def _rec(duration=2.0, n_channels=16, scale=1.0, seed=0):
 
 
 def with_probe(rec):
-    rec.set_probe(neuropixels_probe(rec.get_num_channels()), in_place=True)
+    rec.set_probe(neuropixels_probe(rec.get_num_channels()))
     return rec
 
 

@@ -1,7 +1,6 @@
 """The plugin, end to end: registration, params, a whole sort with an accuracy floor, resume."""
 
 import json
-import os
 import shutil
 
 import numpy as np

@@ -37,7 +37,7 @@ def test_subtraction_separates_overlapping_spikes():
         t0 = 5000 + k * 4000
         plant(t0, A, 40.0); plant(t0 + 6, B, 20.0)
         events.append((t0, t0 + 6))
-    rec = si.NumpyRecording(traces, fs); rec.set_probe(probe, in_place=True)
+    rec = si.NumpyRecording(traces, fs); rec.set_probe(probe)
     cfg = DARTsortUserConfig(preprocessing='none')
     g = Geometry.build(geom, cfg); w = SnippetWindow.from_config(cfg, fs)
     single = torch.as_tensor(np.concatenate([shape[None] * a for a in np.linspace(5, 40, 50)] + [rng.standard_normal((200,121))]), dtype=torch.float32)
