@@ -376,6 +376,8 @@ def make_denoiser(
     spike_length_samples: int = 121,
     device=None,
     max_seconds: float = 60.0,
+    max_epochs: int = 200,
+    learning_rate: float = 1e-3,
     progress: bool = True,
 ) -> nn.Module:
     """Pick the denoiser from the config fields.
@@ -408,6 +410,8 @@ def make_denoiser(
         noise_snippets,
         spike_length_samples=spike_length_samples,
         max_seconds=max_seconds,
+        max_epochs=max_epochs,
+        learning_rate=learning_rate,
         device=device,
         progress=progress,
     )
