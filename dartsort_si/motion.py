@@ -47,7 +47,9 @@ def plot_drift_raster(path, times_s, depths_um, amplitudes, motion_info=None, ti
     order = np.argsort(amp)
     ax = axes[0, 0]
     ax.scatter(times_s[order], depths_um[order], c=amp[order], s=1, cmap="viridis", lw=0, rasterized=True)
-    ax.set(xlabel="time (s)", ylabel="depth (um)", title=title)
+    # a few wild localizations should not squash the picture
+    lo, hi = np.nanpercentile(depths_um, [0.5, 99.5])
+    ax.set(xlabel="time (s)", ylabel="depth (um)", title=title, ylim=(lo - 50, hi + 50))
     if motion_info is not None and motion_info.drifting:
         t = np.linspace(times_s.min(), times_s.max(), 200)
         for z in np.linspace(np.nanpercentile(depths_um, 10), np.nanpercentile(depths_um, 90), 5):
