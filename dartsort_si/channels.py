@@ -24,19 +24,3 @@ def make_channel_index(geom: np.ndarray, radius_um: float) -> np.ndarray:
     for c, r in enumerate(rows):
         index[c, : len(r)] = r
     return index
-
-
-def neighbor_geometry(geom: np.ndarray, channel_index: np.ndarray) -> np.ndarray:
-    """(n_channels, n_neighbors, 2) positions of each neighbourhood, NaN at padding."""
-    padded = np.concatenate([np.asarray(geom, float), np.full((1, 2), np.nan)], axis=0)
-    return padded[channel_index]
-
-
-def gather_neighbors(traces: np.ndarray, times: np.ndarray, channels: np.ndarray,
-                     channel_index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Cut snippets (n, len(offsets), n_neighbors) from traces (T, C); NaN on padded channels."""
-    n_chans = traces.shape[1]
-    padded = np.concatenate([traces, np.full((len(traces), 1), np.nan, traces.dtype)], axis=1)
-    rows = times[:, None] + offsets[None, :]
-    cols = channel_index[channels]
-    return padded[rows[:, :, None], cols[:, None, :]] if n_chans else padded[rows]

@@ -55,11 +55,6 @@ class Geometry:
         return cls(np.asarray(geom, float), t(sub), t(dedup), t(loc), t(feat), t(suppress), t(conflicts),
                    t(_positions(loc, sub)), t(_positions(feat, sub)))
 
-    def to(self, device):
-        return Geometry(self.geom, *(getattr(self, k).to(device) for k in (
-            "subtraction_index", "dedup_index", "localization_index", "featurization_index",
-            "suppression_index", "conflicts", "loc_in_sub", "feat_in_sub")))
-
 
 def _positions(small: np.ndarray, big: np.ndarray) -> np.ndarray:
     """For each row, where small[c, j] sits in big[c] (big.shape[1] for padding)."""
@@ -164,10 +159,6 @@ def _decrease(snippets, clean):
 def _apply_nn(model, flat, batch=4096):
     denoise = getattr(model, "denoise", None) or model
     return torch.cat([denoise(flat[i: i + batch]) for i in range(0, len(flat), batch)]) if len(flat) else flat
-
-
-def subtraction_dtype():
-    return base_peak_dtype
 
 
 class ThresholdDetector(PeakDetector):

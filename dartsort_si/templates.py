@@ -151,11 +151,3 @@ def _scatter_sum(sums, counts, snips, flat_index, n_units, n_reg):
     flat_sums.index_add_(1, idx, src)
     sums.copy_(flat_sums.reshape(length, n_units, n_reg + 1).permute(1, 0, 2))
     counts.view(-1).index_add_(0, idx, torch.ones_like(idx))
-
-
-def templates_on_probe(templates: Templates, channel_maps: np.ndarray) -> np.ndarray:
-    """Place registered templates on the real probe: channel_maps (n_units, C) registered
-    channel per real channel (-1 off the registered probe) -> (n_units, L, C)."""
-    padded = np.concatenate([templates.data, np.zeros_like(templates.data[:, :, :1])], axis=2)
-    idx = np.where(channel_maps < 0, padded.shape[2] - 1, channel_maps)
-    return np.take_along_axis(padded, idx[:, None, :], axis=2)
