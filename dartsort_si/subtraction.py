@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.spatial.distance import cdist
 from spikeinterface.core.node_pipeline import PeakDetector, base_peak_dtype
 
 from . import waveforms as wf
@@ -35,8 +36,7 @@ class Geometry:
     dedup_index: torch.Tensor
     localization_index: torch.Tensor
     featurization_index: torch.Tensor
-    suppression_index: torch.Tensor  # one accepted spike per round within these
-    conflicts: torch.Tensor  # (C, C) bool, the same as a matrix
+    conflicts: torch.Tensor  # (C, C) bool: within 2x the subtraction radius; one spike per round
     loc_in_sub: torch.Tensor  # where each localization channel sits in the subtraction row
     feat_in_sub: torch.Tensor
 
@@ -46,13 +46,9 @@ class Geometry:
         loc = make_channel_index(geom, cfg.localization_radius_um)
         feat = make_channel_index(geom, cfg.featurization_radius_um)
         dedup = make_channel_index(geom, cfg.deduplication_radius_um)
-        suppress = make_channel_index(geom, 2 * cfg.subtraction_radius_um)
         t = lambda a: torch.as_tensor(a, device=device)
-        conflicts = np.zeros((len(geom), len(geom)), bool)
-        rows = np.repeat(np.arange(len(geom)), suppress.shape[1])
-        ok = suppress.ravel() < len(geom)
-        conflicts[rows[ok], suppress.ravel()[ok]] = True
-        return cls(np.asarray(geom, float), t(sub), t(dedup), t(loc), t(feat), t(suppress), t(conflicts),
+        conflicts = cdist(geom, geom) <= 2 * cfg.subtraction_radius_um
+        return cls(np.asarray(geom, float), t(sub), t(dedup), t(loc), t(feat), t(conflicts),
                    t(_positions(loc, sub)), t(_positions(feat, sub)))
 
 
@@ -132,7 +128,7 @@ class Denoiser:
     def denoise_ungated(self, snippets, mask):
         """NN (if any) then temporal PCA on every real channel, no channel gate."""
         out = self._nn(snippets, mask) if self.nn_model is not None else snippets
-        return self.tpca.project(out) * mask[:, None, :]
+        return self._project_ungated(out, mask)
 
     def project_only(self, snippets, mask):
         return self._project(snippets, snippets, mask)
@@ -145,8 +141,11 @@ class Denoiser:
         out[mask] = clean
         return out.permute(0, 2, 1)
 
+    def _project_ungated(self, denoised, mask):
+        return self.tpca.project(denoised) * mask[:, None, :]
+
     def _project(self, snippets, denoised, mask):
-        out = self.tpca.project(denoised) * mask[:, None, :]
+        out = self._project_ungated(denoised, mask)
         per_channel = 2 * (snippets * out).sum(1) - (out * out).sum(1)
         return out * (per_channel > CHANNEL_GATE * self.tpca.rank)[:, None, :]
 
