@@ -52,8 +52,7 @@ PRESETS = {
     # more than the budget, and the run is for dartsort; what a peer cannot finish is a timeout row
     "quick": dict(cases=["rigid"], probes=[1], durations=[30.0], channels=[64],
                   timeout=100.0, timeouts={OURS: 160.0}, budget=285.0,
-                  sorters=[OURS, "spykingcircus2", "tridesclous2"],
-                  params={OURS: {"nn_denoiser_class_name": "SingleChannelWaveformDenoiser"}}),
+                  sorters=[OURS, "spykingcircus2", "tridesclous2"]),
     "medium": dict(cases=["rigid", "nonrigid"], probes=[1], durations=[300.0], channels=[128],
                    timeout=3600.0),
     "standard": dict(cases=list(DRIFTS), probes=[1], durations=[120.0], channels=[128], timeout=3600.0),

@@ -27,6 +27,8 @@ from torch.nn import functional as F
 
 SHIPPED_WEIGHTS_PATH = Path(__file__).parent / "pretrained" / "single_channel_denoiser.pt"
 CLASS_NAMES = ("SingleChannelWaveformDenoiser", "Decollider")
+# Decollider training keeps signal rows peaking within this many samples of the detection time
+CENTRE_SLACK_SAMPLES = 6
 
 
 # ----------------------------------------------------------------------------
@@ -85,6 +87,13 @@ class Decollider(SingleChannelWaveformDenoiser):
     path) is simply g, the same as `SingleChannelWaveformDenoiser.forward`.
     This is the documented equivalent of 2 f(y) - y, and it lets the net
     start from the shipped supervised weights.
+
+    Collisions: noisier-to-noisy alone teaches the net to reproduce whatever
+    is in the window, including a neighbour's spike off the centre, and the
+    subtraction peeler then subtracts that neighbour along with the centred
+    spike (it is lost). So some training inputs also carry a clean off-centre
+    spike c, and their target is y + c / 2: then E[target | z] = (s + z) / 2,
+    which makes g(z) the centred spike s alone (see `fit_decollider`).
     """
 
     def noisier_to_noisy(self, z: torch.Tensor) -> torch.Tensor:
@@ -151,7 +160,8 @@ def denoise_waveforms(
 
 
 def _training_channels(
-    waveforms, signal_ptp: float, other_fraction: float, rng: np.random.Generator
+    waveforms, signal_ptp: float, other_fraction: float, rng: np.random.Generator,
+    centred_only: bool = False,
 ) -> np.ndarray:
     """Single-channel rows (n, T) to train on, mostly channels with real signal.
 
@@ -159,6 +169,8 @@ def _training_channels(
     `signal_ptp` ~8 keeps channels that carry a spike. A share of the others
     (`other_fraction` of the signal count) is kept too, so the net also learns
     to return ~0 on channels where the spike is faint or absent.
+    With `centred_only`, signal rows whose biggest excursion is away from the
+    detection time are dropped (see `_centred`).
     """
     x = torch.as_tensor(waveforms).to(torch.float32).cpu().numpy()
     rows = x.transpose(0, 2, 1).reshape(-1, x.shape[1])
@@ -167,10 +179,24 @@ def _training_channels(
         raise ValueError("fit_decollider: no channel without NaN among the training waveforms.")
     ptp = rows.max(axis=1) - rows.min(axis=1)
     strong = np.flatnonzero(ptp > signal_ptp)
+    if centred_only:
+        strong = strong[_centred(rows[strong])]
     weak = np.flatnonzero(ptp <= signal_ptp)
     n_weak = min(len(weak), max(int(other_fraction * len(strong)), 1))
     weak = rng.choice(weak, size=n_weak, replace=False) if len(weak) else weak
     return rows[np.concatenate([strong, weak])]
+
+
+def _centred(rows: np.ndarray, slack: int = CENTRE_SLACK_SAMPLES) -> np.ndarray:
+    """True for rows whose biggest excursion sits at the detection time (the most
+    common peak position, +- slack samples). A row whose biggest excursion is
+    elsewhere mostly holds a colliding neighbour's spike; training on it would
+    teach the net to reproduce off-centre spikes, which subtraction would then
+    remove along with the centred one."""
+    if not len(rows):
+        return np.zeros(0, bool)
+    where = np.abs(rows).argmax(axis=1)
+    return np.abs(where - np.bincount(where).argmax()) <= slack
 
 
 def _noise_windows(noise: torch.Tensor, n: int, t: int, gen: torch.Generator) -> torch.Tensor:
@@ -205,6 +231,8 @@ def fit_decollider(
     device=None,
     seed: int = 0,
     progress: bool = True,
+    collision_rate: float = 0.3,
+    centred_only: bool = True,
 ) -> Decollider:
     """Train a `Decollider` on this recording's snippets, unsupervised.
 
@@ -213,6 +241,9 @@ def fit_decollider(
     (longer stretches are cut into random windows).
     Each step: y = a batch of single-channel snippets, n = fresh noise, z = y + n;
     minimize ||f(z) - y||^2 with f(z) = (z + g(z)) / 2 (see `Decollider`).
+    A share `collision_rate` of the inputs also gets a clean spike planted 15-60
+    samples off the centre, with target y + c / 2 (see `Decollider`), so the net
+    learns to leave colliding neighbours out of its output.
     Stops after `max_epochs` passes or `max_seconds`, whichever comes first.
     `init_from_shipped` starts g from the shipped supervised weights when the
     snippet length matches, so even a short budget gives a decent net.
@@ -226,7 +257,7 @@ def fit_decollider(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
-    rows = _training_channels(waveforms, signal_ptp, other_fraction, rng)
+    rows = _training_channels(waveforms, signal_ptp, other_fraction, rng, centred_only)
     if rows.shape[1] != t:
         raise ValueError(
             f"fit_decollider: waveforms have {rows.shape[1]} samples, "
@@ -243,11 +274,15 @@ def fit_decollider(
         shipped = shipped_single_channel_denoiser(device="cpu")
         if shipped.spike_length_samples == t and shipped.init_kwargs() == model.init_kwargs():
             model.load_state_dict(shipped.state_dict())
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    model.to(device)
     with _cpu_threads(num_threads, device):
+        # clean estimates of the training spikes, to plant as off-centre collisions
+        clean_bank = denoise_waveforms(model.eval(), y_all[:, :, None], device=device)[:, :, 0].cpu()
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=learning_rate)
         _train_noisier_to_noisy(
-            model, opt, y_all, noise, batch_size, max_epochs, max_seconds, device, gen, progress
+            model, opt, y_all, noise, clean_bank, batch_size, max_epochs, max_seconds, device, gen,
+            progress, collision_rate,
         )
     return model.eval()
 
@@ -264,8 +299,20 @@ def _cpu_threads(num_threads: int | None, device: torch.device):
         torch.set_num_threads(old)
 
 
+def _off_centre(clean_bank, n, rate, gen):
+    """(n, T) planted collisions: a random clean spike shifted 15-60 samples either
+    way for a share `rate` of the rows, zeros for the others."""
+    t = clean_bank.shape[1]
+    c = clean_bank[torch.randint(len(clean_bank), (n,), generator=gen)]
+    shift = torch.randint(15, 61, (n,), generator=gen) * (torch.randint(2, (n,), generator=gen) * 2 - 1)
+    src = torch.arange(t)[None, :] - shift[:, None]
+    ok = (src >= 0) & (src < t) & (torch.rand(n, 1, generator=gen) < rate)
+    return torch.where(ok, c.gather(1, src.clamp(0, t - 1)), torch.zeros(()))
+
+
 def _train_noisier_to_noisy(
-    model, opt, y_all, noise, batch_size, max_epochs, max_seconds, device, gen, progress
+    model, opt, y_all, noise, clean_bank, batch_size, max_epochs, max_seconds, device, gen, progress,
+    collision_rate,
 ):
     """The training loop of `fit_decollider`; stops at `max_seconds`."""
     from tqdm.auto import tqdm
@@ -279,8 +326,9 @@ def _train_noisier_to_noisy(
         order = torch.randperm(len(y_all), generator=gen)
         for start in range(0, len(order), batch_size):
             y = y_all[order[start : start + batch_size]]
-            z = y + _noise_windows(noise, len(y), t, gen)
-            loss = F.mse_loss(model.noisier_to_noisy(z.to(device)), y.to(device))
+            c = _off_centre(clean_bank, len(y), collision_rate, gen)
+            z = y + c + _noise_windows(noise, len(y), t, gen)
+            loss = F.mse_loss(model.noisier_to_noisy(z.to(device)), (y + 0.5 * c).to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -18,7 +18,7 @@ from spikeinterface.core.node_pipeline import PeakDetector
 
 from . import waveforms as wf
 from .localization import localize_amplitude_vectors
-from .templates import Templates
+from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
 
 spike_dtype = np.dtype([
     ("sample_index", "int64"), ("channel_index", "int64"), ("amplitude", "float32"),
@@ -67,6 +67,7 @@ class TemplateMatcher(PeakDetector):
         self.upsampled = fractional_shifts(templates.data, cfg.temporal_upsamples)  # (K, U, L, R)
         rgeom = motion_info.rgeom
         self.unit_reg_depths = rgeom[templates.main_channels(), 1]
+        self.kriging = Kriging(rgeom, interpolation_reach(motion_info.geom))
 
     def get_margin(self):
         return 2 * self.length
@@ -76,17 +77,17 @@ class TemplateMatcher(PeakDetector):
 
     # -- templates for this chunk
     def chunk_templates(self, t_mid_s):
-        """(K, U, L, C) templates on the real probe at time t_mid_s."""
+        """(K, U, L, C) templates on the real probe at time t_mid_s: real channel c
+        of a unit displaced by d shows the registered template at geom[c] - d."""
         k = self.templates.n_units
         times = np.full(k, t_mid_s)
         depths = self.motion_info.uncorrect_s(times, self.unit_reg_depths)
-        shifts, _ = self.motion_info.pitch_shifts(times_s=times, depths_um=depths,
-                                                  reg_depths_um=self.unit_reg_depths)
-        maps = np.stack([np.asarray(self.motion_info.registered_channel_map(int(s))) for s in shifts])
-        pad = np.concatenate([self.upsampled, np.zeros_like(self.upsampled[..., :1])], axis=-1)
-        idx = np.where(maps < 0, pad.shape[-1] - 1, maps)
-        real = np.take_along_axis(pad, idx[:, None, None, :], axis=-1)
-        return torch.as_tensor(real, device=self.device)
+        drift = quantized_drift(depths - self.unit_reg_depths)
+        out = np.zeros(self.upsampled.shape[:3] + (len(self.motion_info.geom),), np.float32)
+        for d in np.unique(drift):
+            w, _ = self.kriging.shifted_weights(self.motion_info.geom, -d * DRIFT_STEP_UM)
+            out[drift == d] = self.upsampled[drift == d] @ w.T
+        return torch.as_tensor(out, device=self.device)
 
     def compute(self, traces, start_frame, end_frame, segment_index, max_margin):
         x = torch.as_tensor(np.asarray(traces, dtype=np.float32), device=self.device)

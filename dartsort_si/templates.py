@@ -1,12 +1,16 @@
 """Stage 8: drift-aware templates on the registered geometry.
 
-Each spike's snippet is read on the real probe, moved by the whole number of
-probe pitches its drift amounts to (`MotionInfo.pitch_shifts`), and averaged
-per unit on the registered geometry (the probe extended by padding). A
-template can then be placed back on the real probe at any time by shifting
-the other way. The walk over the recording is SpikeInterface's chunk
-executor, with a gather that sums per-chunk partial sums, so memory stays
-at one template array whatever the spike count.
+Each spike's snippet is read on the real probe and moved into registered
+coordinates by its drift: the real channels sit at their positions minus
+the displacement, and the registered channels (the probe extended by
+padding) are filled in by kriging from them. Per-unit means of those
+registered snippets are the templates. Whole-pitch shifts alone cannot do
+this: on a Neuropixels 1.0 probe the pitch is 40 um, so drifts under 20 um
+would not be corrected at all and a drifting unit would split in two.
+A template is placed back on the real probe at any time by the same
+interpolation the other way (see `matching`). The walk over the recording is
+SpikeInterface's chunk executor, with a gather that sums per-chunk partial
+sums, so memory stays at one template array whatever the spike count.
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.spatial.distance import cdist
 from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwargs
 from spikeinterface.core.recording_tools import get_chunk_with_margin
+
+# kriging kernel exp(-r / KRIGING_SIGMA_UM); the nugget keeps the solve stable and
+# the interpolation (nearly) exact where a target lands on a source
+KRIGING_SIGMA_UM = 20.0
+KRIGING_NUGGET = 1e-4
+# displacements are rounded to this step so interpolation matrices can be shared
+DRIFT_STEP_UM = 1.0
 
 
 @dataclass
@@ -54,9 +66,45 @@ class Templates:
             return cls(f["data"], f["unit_ids"], f["counts"], int(f["n_before"]))
 
 
-def registered_channel_maps(motion_info, shifts: np.ndarray) -> dict[int, np.ndarray]:
-    """For each pitch shift k: the registered channel of every real channel."""
-    return {int(k): np.asarray(motion_info.registered_channel_map(int(k))) for k in np.unique(shifts)}
+class Kriging:
+    """Spatial interpolation from fixed source positions to any target positions.
+
+    weights(targets) is the (n_targets, n_sources) matrix W such that values at
+    the sources, times W.T, are the interpolated values at the targets. Targets
+    farther than `reach` from every source get all-zero rows (no information).
+    """
+
+    def __init__(self, sources: np.ndarray, reach: float):
+        self.sources = np.asarray(sources, float)
+        k = np.exp(-cdist(self.sources, self.sources) / KRIGING_SIGMA_UM)
+        self.inverse = np.linalg.inv(k + KRIGING_NUGGET * np.eye(len(k)))
+        self.reach = reach
+        self._cache = {}
+
+    def weights(self, targets: np.ndarray):
+        dist = cdist(np.asarray(targets, float), self.sources)
+        w = np.exp(-dist / KRIGING_SIGMA_UM) @ self.inverse
+        ok = dist.min(1) <= self.reach
+        return (w * ok[:, None]).astype(np.float32), ok
+
+    def shifted_weights(self, targets: np.ndarray, dz: float):
+        """weights(targets + [0, dz]) for a dz on the DRIFT_STEP_UM grid, cached."""
+        key = round(dz / DRIFT_STEP_UM)
+        if key not in self._cache:
+            self._cache[key] = self.weights(np.asarray(targets, float) + [0.0, key * DRIFT_STEP_UM])
+        return self._cache[key]
+
+
+def interpolation_reach(geom: np.ndarray) -> float:
+    """How far from a contact a value can still be interpolated: 1.5x the typical
+    nearest-neighbour distance between contacts."""
+    d = cdist(geom, geom)
+    np.fill_diagonal(d, np.inf)
+    return 1.5 * float(np.median(d.min(1)))
+
+
+def quantized_drift(displacement_um: np.ndarray) -> np.ndarray:
+    return np.round(np.asarray(displacement_um, float) / DRIFT_STEP_UM).astype(np.int64)
 
 
 def sample_spikes(labels: np.ndarray, max_per_unit: int, seed: int = 0) -> np.ndarray:
@@ -79,19 +127,23 @@ def estimate_templates(recording, times, labels, motion_info, *, depths_um, n_be
     t, lab = times[which], labels[which]
     unit_ids = np.unique(lab)
     unit_of = np.searchsorted(unit_ids, lab)
-    shifts, _ = motion_info.pitch_shifts(times_s=t / fs, depths_um=depths_um[which])
-    maps = registered_channel_maps(motion_info, shifts)
+    depths = depths_um[which]
+    drift = quantized_drift(depths - motion_info.correct_s(t / fs, depths))
+    # registered channel r at rgeom[r] sees the real probe moved by the drift:
+    # interpolate the real channels at rgeom[r] + drift
+    kriging = Kriging(motion_info.geom, interpolation_reach(motion_info.geom))
+    maps = {int(k): kriging.shifted_weights(motion_info.rgeom, k * DRIFT_STEP_UM) for k in np.unique(drift)}
     n_reg = len(motion_info.rgeom)
     length = n_before + n_after
-    spikes = dict(times=t, units=unit_of, shifts=np.asarray(shifts, int))
-    total = _SumGather((len(unit_ids), length, n_reg + 1))
+    spikes = dict(times=t, units=unit_of, drift=drift)
+    total = _SumGather((len(unit_ids), length, n_reg))
     init_args = (recording, spikes, maps, n_before, n_after, len(unit_ids), n_reg)
     executor = TimeSeriesChunkExecutor(
         recording, _template_chunk, _template_init, init_args, gather_func=total,
         job_name="templates", **_job_kwargs(job_kwargs),
     )
     executor.run()
-    sums, counts = total.sums[..., :n_reg], total.counts[:, :n_reg]
+    sums, counts = total.sums, total.counts
     data = np.where(counts[:, None, :] > 0, sums / np.maximum(counts[:, None, :], 1), 0.0)
     n_spikes = np.bincount(unit_of, minlength=len(unit_ids))
     return Templates(data.astype(np.float32), unit_ids, n_spikes, n_before)
@@ -130,24 +182,14 @@ def _template_chunk(segment_index, start_frame, end_frame, ctx):
     rel = torch.as_tensor(s["times"][lo:hi] - start_frame + left)
     snips = traces[(rel[:, None] + torch.arange(-nb, na)[None, :])]  # (n, L, C)
     n_units, n_reg = ctx["n_units"], ctx["n_reg"]
-    sums = torch.zeros((n_units, nb + na, n_reg + 1), dtype=torch.float64)
-    counts = torch.zeros((n_units, n_reg + 1), dtype=torch.int64)
+    sums = torch.zeros((n_units, nb + na, n_reg), dtype=torch.float64)
+    counts = torch.zeros((n_units, n_reg), dtype=torch.int64)
     units = torch.as_tensor(s["units"][lo:hi])
-    shifts = s["shifts"][lo:hi]
-    for k in np.unique(shifts):
-        sel = torch.as_tensor(np.flatnonzero(shifts == k))
-        rchan = torch.as_tensor(ctx["maps"][int(k)])
-        rchan = torch.where(rchan < 0, n_reg, rchan)  # off the registered probe: dropped
-        flat_index = units[sel][:, None] * (n_reg + 1) + rchan[None, :]  # (n, C)
-        _scatter_sum(sums, counts, snips[sel], flat_index, n_units, n_reg)
+    drift = s["drift"][lo:hi]
+    for k in np.unique(drift):
+        sel = torch.as_tensor(np.flatnonzero(drift == k))
+        w, ok = ctx["maps"][int(k)]
+        registered = snips[sel] @ torch.as_tensor(w).T  # (n, L, R)
+        sums.index_add_(0, units[sel], registered.double())
+        counts.index_add_(0, units[sel], torch.as_tensor(ok, dtype=torch.int64).expand(len(sel), -1).contiguous())
     return sums.numpy(), counts.numpy()
-
-
-def _scatter_sum(sums, counts, snips, flat_index, n_units, n_reg):
-    length = snips.shape[1]
-    flat_sums = sums.permute(1, 0, 2).reshape(length, -1)
-    src = snips.permute(1, 0, 2).reshape(length, -1).double()
-    idx = flat_index.reshape(-1)
-    flat_sums.index_add_(1, idx, src)
-    sums.copy_(flat_sums.reshape(length, n_units, n_reg + 1).permute(1, 0, 2))
-    counts.view(-1).index_add_(0, idx, torch.ones_like(idx))
