@@ -230,8 +230,11 @@ class SubtractionPeeler(PeakDetector):
     """
 
     def __init__(self, recording, geometry: Geometry, window: SnippetWindow, denoiser: Denoiser,
-                 feature_tpca: wf.TemporalPCA, cfg, dedup_samples: int, device="cpu"):
+                 feature_tpca: wf.TemporalPCA, cfg, dedup_samples: int, device="cpu", subtract=True):
         super().__init__(recording, return_output=True)
+        # subtract=False: plain threshold detection with the same features (the yardstick
+        # subtraction is measured against in benchmarks/detection_recall.py)
+        self.subtract = subtract
         self.geometry = geometry
         self.window = window
         self.denoiser = denoiser
@@ -252,12 +255,22 @@ class SubtractionPeeler(PeakDetector):
     def compute(self, traces, start_frame, end_frame, segment_index, max_margin):
         x = as_finite_tensor(traces, start_frame, self.device)
         residual = x.clone()
-        times, chans, waves = self.peel(residual)
+        times, chans, waves = self.peel(residual) if self.subtract else self.detect(residual)
         times, waves = self.align(times, waves)
         margin = self.get_margin()
         keep = (times >= margin) & (times < len(x) - margin)
         times, chans, waves = times[keep], chans[keep], waves[keep]
+        if not self.subtract:
+            waves = torch.zeros_like(waves)  # nothing was subtracted: the residual is the data
         return self.featurize(residual, times, chans, waves, segment_index)
+
+    def detect(self, residual):
+        """Threshold crossings and their denoised waveforms (used to align them), nothing subtracted."""
+        g, w = self.geometry, self.window
+        t, c, _ = wf.find_peaks(residual, self.threshold, self.peak_sign, g.dedup_index, self.dedup_samples,
+                                valid=(w.n_before, len(residual) - w.n_after))
+        snips = wf.cut(residual, t, c, g.subtraction_index, w.offsets(self.device))
+        return t, c, self.denoiser(snips, wf.neighbour_mask(g.subtraction_index, c))
 
     def peel(self, residual):
         g, w = self.geometry, self.window
@@ -286,11 +299,14 @@ class SubtractionPeeler(PeakDetector):
             ok = decrease > self.accept
             if not ok.any():
                 break
+            # the next round looks near everything accepted here, and near what lost only
+            # to a bigger neighbour: in a chain A > B > S, B waits for A, but S is too far
+            # from A to be looked at again unless it is remembered itself
+            last = (t[ok], c[ok])
             ok[ok.clone()] = _biggest(decrease[ok], t[ok], c[ok], g.conflicts, w.length)
             t, c, clean = t[ok], c[ok], clean[ok]
             wf.add(residual, t, c, g.subtraction_index, offsets, -clean)
             found.append((t, c, clean))
-            last = (t, c)
         if not found:
             empty = torch.zeros(0, dtype=torch.long, device=self.device)
             return empty, empty, torch.zeros((0, w.length, g.subtraction_index.shape[1]), device=self.device)
@@ -300,16 +316,23 @@ class SubtractionPeeler(PeakDetector):
 
     def align(self, times, waves):
         """Move each spike's time to the trough (peak for peak_sign='pos') of its denoised
-        waveform on its biggest channel, by at most alignment_ms, shifting the waveform
-        along. With peak_sign='both' detection can land on the positive after-peak;
-        templates and reported times should sit on the trough."""
+        waveform on its biggest channel, shifting the waveform along. With peak_sign='both'
+        detection can land on the positive after-peak; templates and reported times should
+        sit on the trough, up to alignment_ms away. An event detected on a trough only moves
+        within the deduplication window: the deepest point further away is more likely a
+        colliding neighbour's trough than its own."""
         if not len(times):
             return times, waves
         n = len(times)
+        sign = 1.0 if self.peak_sign == "pos" else -1.0
         big = wf.ptp(waves).argmax(1)
-        main = waves[torch.arange(n), :, big]  # (n, L)
-        where = main.argmax(1) if self.peak_sign == "pos" else main.argmin(1)
-        shift = (where - self.window.n_before).clamp(-self.max_shift, self.max_shift)
+        main = sign * waves[torch.arange(n), :, big]  # (n, L): the extreme we align to is a max
+        nb = self.window.n_before
+        lags = torch.arange(main.shape[1], device=waves.device) - nb
+        on_extreme = main[:, nb] > 0
+        reach = torch.where(on_extreme, self.dedup_samples, self.max_shift)
+        allowed = lags[None, :].abs() <= reach[:, None]
+        shift = lags[main.masked_fill(~allowed, -torch.inf).argmax(1)]
         idx = torch.arange(waves.shape[1], device=waves.device)[None, :] + shift[:, None]
         ok = (idx >= 0) & (idx < waves.shape[1])
         rolled = torch.gather(waves, 1, idx.clamp(0, waves.shape[1] - 1)[:, :, None].expand_as(waves))
