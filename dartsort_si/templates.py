@@ -24,8 +24,11 @@ from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwarg
 from spikeinterface.core.recording_tools import get_chunk_with_margin
 
 # kriging kernel exp(-r / KRIGING_SIGMA_UM); the nugget keeps the solve stable and
-# the interpolation (nearly) exact where a target lands on a source
-KRIGING_SIGMA_UM = 20.0
+# the interpolation (nearly) exact where a target lands on a source. On an NP1 checkerboard,
+# point-source footprints moved by up to 20 um are interpolated to ~9% (median max error of
+# the peak) at 60 um against ~19% at 20 um; a 30 s x 64 ch rigid sort went from 12 to 14 of
+# 21 units well detected
+KRIGING_SIGMA_UM = 60.0
 KRIGING_NUGGET = 1e-4
 # displacements are rounded to this step so interpolation matrices can be shared
 DRIFT_STEP_UM = 1.0
