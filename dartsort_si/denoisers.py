@@ -299,15 +299,21 @@ def _cpu_threads(num_threads: int | None, device: torch.device):
         torch.set_num_threads(old)
 
 
+def shift_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Shift each row of (B, T) by an integer number of samples, zero-filled."""
+    t = x.shape[1]
+    src = torch.arange(t)[None, :] - shifts[:, None]
+    ok = (src >= 0) & (src < t)
+    return torch.where(ok, x.gather(1, src.clamp(0, t - 1)), torch.zeros(()))
+
+
 def _off_centre(clean_bank, n, rate, gen):
     """(n, T) planted collisions: a random clean spike shifted 15-60 samples either
     way for a share `rate` of the rows, zeros for the others."""
-    t = clean_bank.shape[1]
     c = clean_bank[torch.randint(len(clean_bank), (n,), generator=gen)]
     shift = torch.randint(15, 61, (n,), generator=gen) * (torch.randint(2, (n,), generator=gen) * 2 - 1)
-    src = torch.arange(t)[None, :] - shift[:, None]
-    ok = (src >= 0) & (src < t) & (torch.rand(n, 1, generator=gen) < rate)
-    return torch.where(ok, c.gather(1, src.clamp(0, t - 1)), torch.zeros(()))
+    planted = torch.rand(n, 1, generator=gen) < rate
+    return torch.where(planted, shift_rows(c, shift), torch.zeros(()))
 
 
 def _train_noisier_to_noisy(

@@ -67,7 +67,8 @@ class TemplateMatcher(PeakDetector):
         self.upsampled = fractional_shifts(templates.data, cfg.temporal_upsamples)  # (K, U, L, R)
         rgeom = motion_info.rgeom
         self.unit_reg_depths = rgeom[templates.main_channels(), 1]
-        self.kriging = Kriging(rgeom, interpolation_reach(motion_info.geom))
+        # real channel c of a unit displaced by d reads the registered template at geom[c] - d
+        self.kriging = Kriging(rgeom, motion_info.geom, interpolation_reach(motion_info.geom))
 
     def get_margin(self):
         return 2 * self.length
@@ -85,7 +86,7 @@ class TemplateMatcher(PeakDetector):
         drift = quantized_drift(depths - self.unit_reg_depths)
         out = np.zeros(self.upsampled.shape[:3] + (len(self.motion_info.geom),), np.float32)
         for d in np.unique(drift):
-            w, _ = self.kriging.shifted_weights(self.motion_info.geom, -d * DRIFT_STEP_UM)
+            w, _ = self.kriging.weights(-d * DRIFT_STEP_UM)
             out[drift == d] = self.upsampled[drift == d] @ w.T
         return torch.as_tensor(out, device=self.device)
 

@@ -70,31 +70,30 @@ class Templates:
 
 
 class Kriging:
-    """Spatial interpolation from fixed source positions to any target positions.
+    """Spatial interpolation from fixed source positions to fixed target positions
+    moved along the probe by dz.
 
-    weights(targets) is the (n_targets, n_sources) matrix W such that values at
-    the sources, times W.T, are the interpolated values at the targets. Targets
+    weights(dz) is the (n_targets, n_sources) matrix W such that values at the
+    sources, times W.T, are the interpolated values at targets + [0, dz]. Targets
     farther than `reach` from every source get all-zero rows (no information).
+    dz is rounded to the DRIFT_STEP_UM grid, so each matrix is computed once.
     """
 
-    def __init__(self, sources: np.ndarray, reach: float):
+    def __init__(self, sources: np.ndarray, targets: np.ndarray, reach: float):
         self.sources = np.asarray(sources, float)
+        self.targets = np.asarray(targets, float)
         k = np.exp(-cdist(self.sources, self.sources) / KRIGING_SIGMA_UM)
         self.inverse = np.linalg.inv(k + KRIGING_NUGGET * np.eye(len(k)))
         self.reach = reach
         self._cache = {}
 
-    def weights(self, targets: np.ndarray):
-        dist = cdist(np.asarray(targets, float), self.sources)
-        w = np.exp(-dist / KRIGING_SIGMA_UM) @ self.inverse
-        ok = dist.min(1) <= self.reach
-        return (w * ok[:, None]).astype(np.float32), ok
-
-    def shifted_weights(self, targets: np.ndarray, dz: float):
-        """weights(targets + [0, dz]) for a dz on the DRIFT_STEP_UM grid, cached."""
+    def weights(self, dz: float = 0.0):
         key = round(dz / DRIFT_STEP_UM)
         if key not in self._cache:
-            self._cache[key] = self.weights(np.asarray(targets, float) + [0.0, key * DRIFT_STEP_UM])
+            dist = cdist(self.targets + [0.0, key * DRIFT_STEP_UM], self.sources)
+            w = np.exp(-dist / KRIGING_SIGMA_UM) @ self.inverse
+            ok = dist.min(1) <= self.reach
+            self._cache[key] = (w * ok[:, None]).astype(np.float32), ok
         return self._cache[key]
 
 
@@ -134,8 +133,8 @@ def estimate_templates(recording, times, labels, motion_info, *, depths_um, n_be
     drift = quantized_drift(depths - motion_info.correct_s(t / fs, depths))
     # registered channel r at rgeom[r] sees the real probe moved by the drift:
     # interpolate the real channels at rgeom[r] + drift
-    kriging = Kriging(motion_info.geom, interpolation_reach(motion_info.geom))
-    maps = {int(k): kriging.shifted_weights(motion_info.rgeom, k * DRIFT_STEP_UM) for k in np.unique(drift)}
+    kriging = Kriging(motion_info.geom, motion_info.rgeom, interpolation_reach(motion_info.geom))
+    maps = {int(k): kriging.weights(k * DRIFT_STEP_UM) for k in np.unique(drift)}
     n_reg = len(motion_info.rgeom)
     length = n_before + n_after
     spikes = dict(times=t, units=unit_of, drift=drift)

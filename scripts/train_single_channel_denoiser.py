@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 # run from a checkout without installing: make the repo's package importable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dartsort_si.denoisers import SHIPPED_WEIGHTS_PATH, SingleChannelWaveformDenoiser
+from dartsort_si.denoisers import SHIPPED_WEIGHTS_PATH, SingleChannelWaveformDenoiser, shift_rows
 
 FS = 30000.0
 MS_BEFORE = 1.4
@@ -107,14 +107,6 @@ def noise_bank(n: int, seed: int) -> np.ndarray:
         x = signal.sosfilt(sos, white, axis=1)[:, 200:]  # drop the filter's warm-up
         out.append(x / x.std())
     return np.concatenate(out).astype(np.float32)
-
-
-def shift_rows(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Shift each row of (B, T) by an integer number of samples, zero-filled."""
-    b, t = x.shape
-    src = torch.arange(t)[None, :] - shifts[:, None]
-    ok = (src >= 0) & (src < t)
-    return torch.where(ok, x.gather(1, src.clamp(0, t - 1)), torch.zeros(()))
 
 
 def make_batch(clean_rows, noise, batch_size, gen):

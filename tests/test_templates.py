@@ -27,21 +27,22 @@ def footprint(geom, pos, height=30.0):
 
 def test_kriging_is_exact_on_contacts_and_smooth_between():
     geom = np1_geom()
-    kr = Kriging(geom, interpolation_reach(geom))
-    w, ok = kr.weights(geom)
+    reach = interpolation_reach(geom)
+    kr = Kriging(geom, geom, reach)
+    w, ok = kr.weights(0.0)
     assert ok.all()
     np.testing.assert_allclose(w, np.eye(len(geom)), atol=0.02)
     # a spike's footprint seen from the probe moved 10 um (a quarter of the 40 um pitch)
     field = footprint(geom, np.array([30.0, 230.0]))
     moved = geom + [0.0, 10.0]
-    w, ok = kr.weights(moved)
+    w, ok = kr.weights(10.0)
     truth = footprint(moved, np.array([30.0, 230.0]))
     err = np.abs(w @ field - truth).max() / truth.max()
     print(f"kriging, 10 um off the contacts: max error {err:.3f} of the peak")
     assert err < 0.12
     # far off the probe there is nothing to interpolate from
-    _, ok = kr.weights(np.array([[30.0, 2000.0]]))
-    assert not ok.any()
+    w, ok = Kriging(geom, np.array([[30.0, 2000.0]]), reach).weights(0.0)
+    assert not ok.any() and not w.any()
 
 
 def drifting_recording(geom, drift_um, n_spikes=120, seed=0):
