@@ -1,4 +1,4 @@
-"""Point-source localization of spikes, batched in torch.
+"""Localization of spikes (point source, or exponential decay), batched in torch.
 
 Each spike is modelled as a point current source at (x, y, z) with y > 0 the
 distance from the probe plane; the amplitude seen on a channel at (x_c, z_c) is
@@ -10,6 +10,13 @@ run for the whole batch at once. After every step alpha is replaced by its
 closed-form optimum for the new position (the model is linear in alpha), so
 the search is effectively over the 3 position parameters. y is optimised as
 log(y), which keeps it positive without a constraint.
+
+The same fit runs with a second footprint, alpha * exp(-r / s) with the decay
+length s free (model="exponential"). Motion estimation uses it: when a unit's
+amplitude does not fall off as 1/r, the point-source depth is biased by an
+amount that changes as the unit drifts past the contacts, and DREDge reads that
+as motion. `point_source_localizations` (the features clustering uses) stay
+point-source fits.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ Y_MIN_UM = 0.1
 Y_MAX_UM = 1000.0
 LAMBDA_START = 1e-2
 LAMBDA_MIN, LAMBDA_MAX = 1e-9, 1e9
+# exponential-decay model: start and hard bounds of the fall-off length (um)
+DECAY_START_UM = 30.0
+DECAY_MIN_FIT_UM, DECAY_MAX_FIT_UM = 1.0, 1000.0
 
 
 # -- public API
@@ -73,25 +83,31 @@ def localize_amplitude_vectors(
     n_iter: int = 30,
     device=None,
     batch_size: int = BATCH_SIZE,
+    model: str = "pointsource",
 ) -> np.ndarray:
-    """Fit a point source to each (K,) amplitude vector on `channel_index[main_channels]`.
+    """Fit a source to each (K,) amplitude vector on `channel_index[main_channels]`.
 
     NaN amplitudes, padding channels and channels farther than `radius_um` from
-    the main channel are ignored. Returns (N, 4) float64: x, y, z, alpha.
+    the main channel are ignored. With model="pointsource" returns (N, 4)
+    float64: x, y, z, alpha; with model="exponential" (N, 5): x, y, z, alpha,
+    decay length (um).
     """
+    if model not in _MODELS:
+        raise ValueError(f"model must be one of {sorted(_MODELS)}, got {model!r}")
+    fit_model = _MODELS[model]
     device = torch.device("cpu" if device is None else device)
     amplitudes = _as_numpy(amplitude_vectors)
     main_channels = _as_numpy(main_channels).astype(np.int64)
     geom = _as_numpy(geom).astype(np.float64)
     channel_index = _as_numpy(channel_index).astype(np.int64)
 
-    out = np.empty((len(amplitudes), 4), dtype=np.float64)
+    out = np.empty((len(amplitudes), 3 + fit_model.n_params - 2), dtype=np.float64)
     for start in range(0, len(amplitudes), batch_size):
         sl = slice(start, start + batch_size)
         amps, xc, zc, mask, main_xz = _neighborhood_batch(
             amplitudes[sl], main_channels[sl], geom, channel_index, radius_um, device
         )
-        out[sl] = _fit_batch(amps, xc, zc, mask, main_xz, n_iter).cpu().numpy()
+        out[sl] = _fit_batch(amps, xc, zc, mask, main_xz, n_iter, fit_model).cpu().numpy()
     return out
 
 
@@ -142,27 +158,65 @@ def _neighborhood_batch(amplitudes, main_channels, geom, channel_index, radius_u
 # -- the fit
 
 
-def _fit_batch(amps, xc, zc, mask, main_xz, n_iter):
-    """Levenberg-Marquardt over a batch; returns (B, 4) x, y, z, alpha."""
+class _PointSource:
+    """a_c = alpha / r_c; parameters x, log y, z."""
+
+    n_params = 3
+    start = ()
+
+    @staticmethod
+    def basis(dx, y, dz, extra):
+        """q_c and dq_c/dparam for every parameter, (B, K) and (B, K, P)."""
+        q = torch.rsqrt(dx * dx + y * y + dz * dz)
+        q3 = q * q * q
+        return q, torch.stack([-dx * q3, -y * y * q3, -dz * q3], dim=2)
+
+
+class _ExponentialDecay:
+    """a_c = alpha * exp(-r_c / s) with the decay length s fitted too; parameters x, log y, z, log s.
+
+    Spikes whose amplitude falls off faster or slower than 1/r (real
+    neurons near the probe, and the footprints SpikeInterface simulates) bias
+    the point-source depth by an amount that changes as the unit drifts past
+    the contacts; a free fall-off length takes most of that bias out.
+    """
+
+    n_params = 4
+    start = (np.log(DECAY_START_UM),)
+
+    @staticmethod
+    def basis(dx, y, dz, extra):
+        s = extra[0].exp()[:, None]
+        r = torch.sqrt(dx * dx + y * y + dz * dz)
+        q = torch.exp(-r / s)
+        g = -q / (s * r)  # dq/dr divided by r
+        return q, torch.stack([g * dx, g * y * y, g * dz, q * r / s], dim=2)
+
+
+_MODELS = dict(pointsource=_PointSource, exponential=_ExponentialDecay)
+
+
+def _fit_batch(amps, xc, zc, mask, main_xz, n_iter, model=_PointSource):
+    """Levenberg-Marquardt over a batch; returns (B, 4 + extra) x, y, z, alpha[, decay]."""
     x, z, ok = _center_of_mass(amps, xc, zc, mask, main_xz)
-    logy = torch.full_like(x, np.log(Y_START_UM))
-    alpha, loss = _profile_alpha(amps, xc, zc, mask, x, logy, z)
+    theta = torch.stack([x, torch.full_like(x, np.log(Y_START_UM)), z]
+                        + [torch.full_like(x, v) for v in model.start], dim=1)
+    alpha, loss = _profile_alpha(amps, xc, zc, mask, theta, model)
     lam = torch.full_like(x, LAMBDA_START)
 
     for _ in range(n_iter):
-        x_new, logy_new, z_new = _lm_step(amps, xc, zc, mask, x, logy, z, alpha, lam)
-        alpha_new, loss_new = _profile_alpha(amps, xc, zc, mask, x_new, logy_new, z_new)
+        theta_new = _lm_step(amps, xc, zc, mask, theta, alpha, lam, model)
+        alpha_new, loss_new = _profile_alpha(amps, xc, zc, mask, theta_new, model)
         # accept per spike only if the loss went down; otherwise damp harder.
         # Spikes that must fall back never move.
         accept = ok & (loss_new < loss)
-        x = torch.where(accept, x_new, x)
-        logy = torch.where(accept, logy_new, logy)
-        z = torch.where(accept, z_new, z)
+        theta = torch.where(accept[:, None], theta_new, theta)
         alpha = torch.where(accept, alpha_new, alpha)
         loss = torch.where(accept, loss_new, loss)
         lam = torch.where(accept, lam / 3, lam * 3).clamp(LAMBDA_MIN, LAMBDA_MAX)
 
-    return torch.stack([x, logy.exp(), z, alpha], dim=1)
+    cols = [theta[:, 0], theta[:, 1].exp(), theta[:, 2], alpha] + [v.exp() for v in theta[:, 3:].T]
+    return torch.stack(cols, dim=1)
 
 
 def _center_of_mass(amps, xc, zc, mask, main_xz):
@@ -177,18 +231,16 @@ def _center_of_mass(amps, xc, zc, mask, main_xz):
     return x, z, ok
 
 
-def _inverse_distance(xc, zc, x, logy, z):
-    """dx, y, dz and q = 1/distance from the source to every channel."""
-    dx = x[:, None] - xc
-    dz = z[:, None] - zc
-    y = logy.exp()[:, None]
-    q = torch.rsqrt(dx * dx + y * y + dz * dz)
-    return dx, y, dz, q
+def _basis(xc, zc, theta, model):
+    dx = theta[:, 0, None] - xc
+    dz = theta[:, 2, None] - zc
+    y = theta[:, 1].exp()[:, None]
+    return model.basis(dx, y, dz, theta[:, 3:].T)
 
 
-def _profile_alpha(amps, xc, zc, mask, x, logy, z):
+def _profile_alpha(amps, xc, zc, mask, theta, model):
     """Closed-form best alpha >= 0 for a fixed position, and the resulting loss."""
-    _, _, _, q = _inverse_distance(xc, zc, x, logy, z)
+    q, _ = _basis(xc, zc, theta, model)
     q = q * mask
     num = (amps * q).sum(dim=1)
     den = (q * q).sum(dim=1)
@@ -197,24 +249,24 @@ def _profile_alpha(amps, xc, zc, mask, x, logy, z):
     return alpha, (resid * resid).sum(dim=1)
 
 
-def _lm_step(amps, xc, zc, mask, x, logy, z, alpha, lam):
-    """One damped Gauss-Newton step on (x, log y, z, alpha); returns the new position."""
-    dx, y, dz, q = _inverse_distance(xc, zc, x, logy, z)
-    q3 = q * q * q * alpha[:, None]
+def _lm_step(amps, xc, zc, mask, theta, alpha, lam, model):
+    """One damped Gauss-Newton step on (theta, alpha); returns the new theta."""
+    q, dq = _basis(xc, zc, theta, model)
     # d(residual)/d(param) with residual = a - alpha * q
-    jac = torch.stack([dx * q3, y * y * q3, dz * q3, -q], dim=2) * mask[:, :, None]
+    jac = torch.cat([-alpha[:, None, None] * dq, -q[:, :, None]], dim=2) * mask[:, :, None]
     resid = (amps - alpha[:, None] * q) * mask
 
-    hess = jac.transpose(1, 2) @ jac  # (B, 4, 4)
-    grad = (jac * resid[:, :, None]).sum(dim=1)  # (B, 4)
+    hess = jac.transpose(1, 2) @ jac  # (B, P+1, P+1)
+    grad = (jac * resid[:, :, None]).sum(dim=1)
     diag = torch.diagonal(hess, dim1=1, dim2=2)
     # Marquardt scaling by diag(H), plus a floor so a zero column stays solvable
     floor = 1e-12 * diag.amax(dim=1, keepdim=True) + 1e-30
     damped = hess + torch.diag_embed(lam[:, None] * (diag + floor) + floor)
     step, info = torch.linalg.solve_ex(damped, -grad[:, :, None])
-    step = step[..., 0]
+    step = step[..., :-1, 0]  # alpha is profiled, not stepped
     good = (info == 0) & torch.isfinite(step).all(dim=1)
-    step = torch.where(good[:, None], step, 0.0)
-
-    logy_new = (logy + step[:, 1]).clamp(np.log(Y_MIN_UM), np.log(Y_MAX_UM))
-    return x + step[:, 0], logy_new, z + step[:, 2]
+    theta = theta + torch.where(good[:, None], step, 0.0)
+    theta[:, 1] = theta[:, 1].clamp(np.log(Y_MIN_UM), np.log(Y_MAX_UM))
+    if theta.shape[1] > 3:
+        theta[:, 3] = theta[:, 3].clamp(np.log(DECAY_MIN_FIT_UM), np.log(DECAY_MAX_FIT_UM))
+    return theta

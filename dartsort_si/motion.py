@@ -10,16 +10,26 @@ import numpy as np
 logger = logging.getLogger("dartsort_si")
 
 
-def estimate_motion(times_s, depths_um, amplitudes, cfg, device=None, progress=True):
+def estimate_motion(times_s, depths_um, amplitudes, cfg, geom=None, device=None, progress=True):
     """DREDge registration of (time, depth, amplitude) spikes; returns a dredge MotionEstimate.
 
     Rigid or non-rigid per cfg.rigid; bins moving faster than
-    cfg.speed_limit_um_per_s are replaced by interpolation.
+    cfg.speed_limit_um_per_s are replaced by interpolation. With `geom`, spikes
+    localized farther than cfg.probe_boundary_padding_um outside the probe are
+    left out.
     """
     import dredge
     from dredge.motion_util import speed_limit_filter
 
     ok = np.isfinite(depths_um) & np.isfinite(amplitudes) & (amplitudes > 0)
+    if geom is not None:
+        # DREDge sizes its depth raster (and places its non-rigid windows) on the
+        # spikes' depth range: a few wild fits thousands of um away spread the
+        # windows and flatten the raster (a rigid estimate came out all zeros)
+        lo, hi = np.min(geom[:, 1]), np.max(geom[:, 1])
+        pad = cfg.probe_boundary_padding_um
+        with np.errstate(invalid="ignore"):
+            ok &= (depths_um >= lo - pad) & (depths_um <= hi + pad)
     if ok.sum() < 100:
         raise ValueError(
             f"Only {ok.sum()} usable spikes for motion estimation; the recording may be too "

@@ -164,7 +164,8 @@ class ThresholdDetector(PeakDetector):
     """Plain threshold detection with spatio-temporal deduplication.
 
     Used for the quick full-coverage grab for motion estimation: returns the
-    peaks and a point-source localization from the raw amplitudes.
+    peaks and an exponential-decay localization (x, y, z, alpha, decay) from
+    the raw amplitudes (see localization.py for why not the point source).
     """
 
     def __init__(self, recording, geometry: Geometry, window: SnippetWindow, threshold: float,
@@ -198,7 +199,7 @@ class ThresholdDetector(PeakDetector):
         amps = wf.ptp(snips)
         amps = torch.where(wf.neighbour_mask(g.localization_index, c), amps, torch.nan)
         locs = localize_amplitude_vectors(amps, c.cpu().numpy(), g.geom, g.localization_index.cpu().numpy(),
-                                          device=self.device)
+                                          device=self.device, model="exponential")
         return peaks, locs.astype(np.float32)
 
 

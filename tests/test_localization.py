@@ -154,3 +154,34 @@ def test_fallbacks_and_radius():
     np.testing.assert_array_equal(
         small, localize_amplitude_vectors(amps_far, main[2:], geom, channel_index, 30.0)
     )
+
+
+def test_exponential_model_recovers_positions_and_decay():
+    """Footprints that fall off as exp(-r / s) (as SpikeInterface simulates them): the
+    exponential-decay fit finds the source and its decay length."""
+    rng = np.random.default_rng(3)
+    geom = neuropixels_geom()
+    channel_index = make_channel_index(geom, RADIUS_UM)
+    n = 3000
+    truth, _ = simulate_sources(n, geom, rng)
+    dist = np.sqrt((truth[:, None, 0] - geom[None, :, 0]) ** 2 + truth[:, None, 1] ** 2
+                   + (truth[:, None, 2] - geom[None, :, 1]) ** 2)
+    decay = rng.uniform(10, 40, n)
+    shape = np.exp(-dist / decay[:, None])
+    clean = rng.uniform(10, 40, n)[:, None] * shape / shape.max(axis=1, keepdims=True)
+    noisy = clean + rng.normal(size=clean.shape)
+    main = noisy.argmax(axis=1)
+    amps = on_neighborhoods(noisy, main, channel_index)
+
+    est = localize_amplitude_vectors(amps, main, geom, channel_index, RADIUS_UM, model="exponential")
+    assert est.shape == (n, 5) and np.all(est[:, 1] > 0) and np.all(est[:, 4] > 0)
+    med = report_errors("exponential model", est, truth)
+    assert med[0] < 5 and med[2] < 5
+    assert np.median(np.abs(est[:, 4] - decay) / decay) < 0.25
+
+    # the 1/r model, fitted to the same spikes, is pulled off in depth
+    point = localize_amplitude_vectors(amps, main, geom, channel_index, RADIUS_UM)
+    assert report_errors("point source on exp footprints", point, truth)[2] > med[2]
+
+    with pytest.raises(ValueError, match="model must be one of"):
+        localize_amplitude_vectors(amps[:2], main[:2], geom, channel_index, model="dipole")

@@ -1,0 +1,57 @@
+"""DREDge motion estimation on spikes with a known displacement."""
+
+import numpy as np
+import pytest
+
+from dartsort_si.config import DARTsortUserConfig
+from dartsort_si.motion import estimate_motion
+
+DURATION_S = 60.0
+GEOM = np.array([[x, 20.0 * r] for r in range(40) for x in (0.0, 32.0)])  # 0..780 um
+
+
+def true_disp(t):
+    return 15.0 * np.sin(2 * np.pi * t / 40.0)
+
+
+def drifting_spikes(rng, n_units=25, rate_hz=20.0, outlier_fraction=0.03):
+    """Units at fixed depths that all move by true_disp(t), plus a few wild depths."""
+    depths0 = rng.uniform(50, 730, n_units)
+    amps0 = rng.uniform(5, 30, n_units)
+    times, depths, amps = [], [], []
+    for z, a in zip(depths0, amps0):
+        t = np.sort(rng.uniform(0, DURATION_S, rng.poisson(rate_hz * DURATION_S)))
+        times.append(t)
+        depths.append(z + true_disp(t) + rng.normal(0, 2.0, len(t)))
+        amps.append(a * rng.uniform(0.8, 1.2, len(t)))
+    times, depths, amps = map(np.concatenate, (times, depths, amps))
+    # failed localizations land anywhere, thousands of um off the probe
+    wild = rng.random(len(times)) < outlier_fraction
+    depths[wild] = rng.uniform(-5000, 5000, wild.sum())
+    return times, depths, amps
+
+
+def mae_against_truth(me):
+    t = np.arange(2.0, DURATION_S - 2.0, 0.5)
+    errs = []
+    for z in (200.0, 400.0, 600.0):
+        d = me.disp_at_s(t, np.full_like(t, z)) - true_disp(t)
+        errs.append(np.abs(d - np.median(d)))  # motion is defined up to a constant
+    return float(np.mean(errs))
+
+
+@pytest.mark.parametrize("rigid", [True, False])
+def test_motion_recovers_known_drift(rigid):
+    rng = np.random.default_rng(0)
+    times, depths, amps = drifting_spikes(rng)
+    cfg = DARTsortUserConfig(rigid=rigid)
+    me = estimate_motion(times, depths, amps, cfg, geom=GEOM, progress=False)
+    err = mae_against_truth(me)
+    print(f"\nrigid={rigid}: motion MAE {err:.2f} um (true peak-to-peak 30 um)")
+    assert err < 2.0
+
+
+def test_too_few_spikes_is_an_error():
+    cfg = DARTsortUserConfig()
+    with pytest.raises(ValueError, match="do_motion_estimation=False"):
+        estimate_motion(np.arange(50.0), np.full(50, 100.0), np.ones(50), cfg, geom=GEOM, progress=False)
