@@ -78,6 +78,8 @@ def main():
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--channels", type=int, default=128)
     p.add_argument("--drift", default="rigid")
+    p.add_argument("--num-units", type=int, default=None,
+                   help="ground-truth units (default: channels // 3); more units, more collisions")
     p.add_argument("--cache", default="benchmarks/cache")
     p.add_argument("--denoiser", default="Decollider")
     p.add_argument("--final-sort", action="store_true",
@@ -85,12 +87,14 @@ def main():
                         "detection at the matched threshold, and compare well-detected units")
     args = p.parse_args()
     cache = Path(args.cache)
-    rec, gt, info = generate_ground_truth(cache / f"{args.drift}_{args.duration:g}s_{args.channels}ch",
-                                          duration=args.duration, num_channels=args.channels, drift=args.drift)
+    units = f"_{args.num_units}u" if args.num_units else ""
+    rec, gt, info = generate_ground_truth(cache / f"{args.drift}_{args.duration:g}s_{args.channels}ch{units}",
+                                          duration=args.duration, num_channels=args.channels, drift=args.drift,
+                                          num_units=args.num_units)
     fs = rec.sampling_frequency
     table = spike_table(gt, info["unit_locations"], fs)
     n_units = len(gt.unit_ids)
-    out = cache / f"detection_{args.drift}_{args.duration:g}s_{args.channels}ch_{args.denoiser}"
+    out = cache / f"detection_{args.drift}_{args.duration:g}s_{args.channels}ch{units}_{args.denoiser}"
     dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
                                             nn_denoiser_class_name=args.denoiser))
     sub = dartsort_si.DARTsortSorting.from_peeling_hdf5(out / "subtraction.h5")
