@@ -101,7 +101,7 @@ def localize_amplitude_vectors(
     geom = _as_numpy(geom).astype(np.float64)
     channel_index = _as_numpy(channel_index).astype(np.int64)
 
-    out = np.empty((len(amplitudes), 3 + fit_model.n_params - 2), dtype=np.float64)
+    out = np.empty((len(amplitudes), fit_model.n_params + 1), dtype=np.float64)  # + alpha
     for start in range(0, len(amplitudes), batch_size):
         sl = slice(start, start + batch_size)
         amps, xc, zc, mask, main_xz = _neighborhood_batch(
@@ -158,16 +158,23 @@ def _neighborhood_batch(amplitudes, main_channels, geom, channel_index, radius_u
 # -- the fit
 
 
+# (column of theta, lower, upper), clamped after every step
+_LOGY_BOUNDS = (1, np.log(Y_MIN_UM), np.log(Y_MAX_UM))
+
+
 class _PointSource:
     """a_c = alpha / r_c; parameters x, log y, z."""
 
     n_params = 3
     start = ()
+    bounds = (_LOGY_BOUNDS,)
 
     @staticmethod
-    def basis(dx, y, dz, extra):
-        """q_c and dq_c/dparam for every parameter, (B, K) and (B, K, P)."""
+    def basis(dx, y, dz, extra, grad=True):
+        """q_c, and dq_c/dparam for every parameter when grad: (B, K) and (B, K, P)."""
         q = torch.rsqrt(dx * dx + y * y + dz * dz)
+        if not grad:
+            return q, None
         q3 = q * q * q
         return q, torch.stack([-dx * q3, -y * y * q3, -dz * q3], dim=2)
 
@@ -183,12 +190,15 @@ class _ExponentialDecay:
 
     n_params = 4
     start = (np.log(DECAY_START_UM),)
+    bounds = (_LOGY_BOUNDS, (3, np.log(DECAY_MIN_FIT_UM), np.log(DECAY_MAX_FIT_UM)))
 
     @staticmethod
-    def basis(dx, y, dz, extra):
+    def basis(dx, y, dz, extra, grad=True):
         s = extra[0].exp()[:, None]
         r = torch.sqrt(dx * dx + y * y + dz * dz)
         q = torch.exp(-r / s)
+        if not grad:
+            return q, None
         g = -q / (s * r)  # dq/dr divided by r
         return q, torch.stack([g * dx, g * y * y, g * dz, q * r / s], dim=2)
 
@@ -197,7 +207,7 @@ _MODELS = dict(pointsource=_PointSource, exponential=_ExponentialDecay)
 
 
 def _fit_batch(amps, xc, zc, mask, main_xz, n_iter, model=_PointSource):
-    """Levenberg-Marquardt over a batch; returns (B, 4 + extra) x, y, z, alpha[, decay]."""
+    """Levenberg-Marquardt over a batch; returns (B, P + 1) x, y, z, alpha[, decay]."""
     x, z, ok = _center_of_mass(amps, xc, zc, mask, main_xz)
     theta = torch.stack([x, torch.full_like(x, np.log(Y_START_UM)), z]
                         + [torch.full_like(x, v) for v in model.start], dim=1)
@@ -231,16 +241,16 @@ def _center_of_mass(amps, xc, zc, mask, main_xz):
     return x, z, ok
 
 
-def _basis(xc, zc, theta, model):
+def _basis(xc, zc, theta, model, grad=True):
     dx = theta[:, 0, None] - xc
     dz = theta[:, 2, None] - zc
     y = theta[:, 1].exp()[:, None]
-    return model.basis(dx, y, dz, theta[:, 3:].T)
+    return model.basis(dx, y, dz, theta[:, 3:].T, grad)
 
 
 def _profile_alpha(amps, xc, zc, mask, theta, model):
     """Closed-form best alpha >= 0 for a fixed position, and the resulting loss."""
-    q, _ = _basis(xc, zc, theta, model)
+    q, _ = _basis(xc, zc, theta, model, grad=False)
     q = q * mask
     num = (amps * q).sum(dim=1)
     den = (q * q).sum(dim=1)
@@ -266,7 +276,6 @@ def _lm_step(amps, xc, zc, mask, theta, alpha, lam, model):
     step = step[..., :-1, 0]  # alpha is profiled, not stepped
     good = (info == 0) & torch.isfinite(step).all(dim=1)
     theta = theta + torch.where(good[:, None], step, 0.0)
-    theta[:, 1] = theta[:, 1].clamp(np.log(Y_MIN_UM), np.log(Y_MAX_UM))
-    if theta.shape[1] > 3:
-        theta[:, 3] = theta[:, 3].clamp(np.log(DECAY_MIN_FIT_UM), np.log(DECAY_MAX_FIT_UM))
+    for col, lo, hi in model.bounds:
+        theta[:, col] = theta[:, col].clamp(lo, hi)
     return theta

@@ -220,7 +220,8 @@ def motion_spikes(ctx, detected):
     """(times, depths, amplitudes) for motion: subtraction's spikes if it covered everything,
     else a quick threshold pass. Depths come from the exponential-decay fit, which tracks a
     drifting unit with far less position-dependent bias than the point source (on the
-    benchmark's 300 s drifting cases: motion error 0.16 / 0.27 um against 0.99 / 0.79 um)."""
+    benchmark's 300 s rigid / non-rigid cases: motion error 0.16 / 0.27 um, against 0.99 /
+    0.79 um from point-source depths with the same off-probe filter)."""
     if _covers_all(ctx):
         g = ctx.geometry
         locs = localize_amplitude_vectors(detected.denoised_ptp_amplitude_vectors, detected.channels, g.geom,
