@@ -2,6 +2,7 @@
 false-positive count (issue 4's yardstick).
 
     python benchmarks/detection_recall.py [--duration 60] [--channels 128] [--drift rigid] [--final-sort]
+    python benchmarks/detection_recall.py --duration 30 --channels 64 --amplitudes 50,250 --final-sort
 
 Recall of a unit = fraction of its ground-truth spikes with a detected event within 0.4 ms;
 we report the median and the mean over units, and the recall of colliding spikes (another
@@ -80,6 +81,9 @@ def main():
     p.add_argument("--drift", default="rigid")
     p.add_argument("--num-units", type=int, default=None,
                    help="ground-truth units (default: channels // 3); more units, more collisions")
+    p.add_argument("--amplitudes", default=None, metavar="LOW,HIGH",
+                   help="range of unit amplitudes in uV (generator default 100,500; noise is 6-8 uV). "
+                        "A lower range puts most units near threshold, where the detectors differ")
     p.add_argument("--cache", default="benchmarks/cache")
     p.add_argument("--denoiser", default="Decollider")
     p.add_argument("--final-sort", action="store_true",
@@ -88,13 +92,18 @@ def main():
     args = p.parse_args()
     cache = Path(args.cache)
     units = f"_{args.num_units}u" if args.num_units else ""
-    rec, gt, info = generate_ground_truth(cache / f"{args.drift}_{args.duration:g}s_{args.channels}ch{units}",
+    amps = {}
+    if args.amplitudes:
+        amps = dict(amplitudes_uv=tuple(float(a) for a in args.amplitudes.split(",")))
+        units += "_amp" + "-".join(f"{a:g}" for a in amps["amplitudes_uv"])
+    case = f"{args.drift}_{args.duration:g}s_{args.channels}ch{units}"
+    rec, gt, info = generate_ground_truth(cache / case,
                                           duration=args.duration, num_channels=args.channels, drift=args.drift,
-                                          num_units=args.num_units)
+                                          num_units=args.num_units, **amps)
     fs = rec.sampling_frequency
     table = spike_table(gt, info["unit_locations"], fs)
     n_units = len(gt.unit_ids)
-    out = cache / f"detection_{args.drift}_{args.duration:g}s_{args.channels}ch{units}_{args.denoiser}"
+    out = cache / f"detection_{case}_{args.denoiser}"
     dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
                                             nn_denoiser_class_name=args.denoiser))
     sub = dartsort_si.DARTsortSorting.from_peeling_hdf5(out / "subtraction.h5")
@@ -123,10 +132,10 @@ def main():
     if args.final_sort:
         print("\nFinal sort (default settings otherwise), well-detected units (accuracy >= 0.8):")
         for mode, extra in [("subtraction", {}), ("threshold", dict(voltage_threshold=float(thr)))]:
-            print(f"  initial detection by {mode:<11} {final_sort(rec, gt, out.parent, mode, extra, args)}")
+            print(f"  initial detection by {mode:<11} {final_sort(rec, gt, cache, case, mode, extra, args)}")
 
 
-def final_sort(rec, gt, cache, mode, extra, args):
+def final_sort(rec, gt, cache, case, mode, extra, args):
     """Sort with the initial pass done by subtraction or by plain threshold crossings."""
     import spikeinterface.comparison as sc
 
@@ -134,8 +143,7 @@ def final_sort(rec, gt, cache, mode, extra, args):
     try:
         cfg = dict(nn_denoiser_class_name=args.denoiser, **extra)
         tag = "_".join(f"{k}{v}" for k, v in extra.items())
-        res = dartsort_si.dartsort(rec, cache / f"final_{mode}{tag}_{args.drift}_{args.duration:g}s_"
-                                   f"{args.channels}ch_{args.denoiser}", cfg=cfg)
+        res = dartsort_si.dartsort(rec, cache / f"final_{mode}{tag}_{case}_{args.denoiser}", cfg=cfg)
     finally:
         steps.INITIAL_DETECTION = "subtraction"
     acc = sc.compare_sorter_to_ground_truth(gt, res["sorting"].to_numpy_sorting()).get_performance()["accuracy"].astype(float)

@@ -73,10 +73,13 @@ class Case:
     num_units: int | None = None
     drift_um: float = 20.0
     seed: int = 0
+    amplitudes_uv: tuple[float, float] | None = None  # None: the generator's default range
 
     @property
     def name(self) -> str:
         units = "" if self.num_units is None else f"_{self.num_units}u"
+        if self.amplitudes_uv is not None:
+            units += "_amp" + "-".join(_fmt_num(a) for a in self.amplitudes_uv)
         return (f"{self.drift}_np{self.probe_version}_{_fmt_num(self.duration)}s_{self.num_channels}ch"
                 f"{units}_seed{self.seed}")
 
@@ -85,11 +88,12 @@ def _fmt_num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def make_cases(drifts, probes, durations, channels, *, num_units=None, drift_um=20.0, seed=0) -> list[Case]:
+def make_cases(drifts, probes, durations, channels, *, num_units=None, drift_um=20.0, seed=0,
+               amplitudes_uv=None) -> list[Case]:
     for d in drifts:
         if d not in DRIFTS:
             raise SystemExit(f"unknown case {d!r}; choose from {', '.join(DRIFTS)}")
-    return [Case(d, int(p), float(T), int(c), num_units, float(drift_um), int(seed))
+    return [Case(d, int(p), float(T), int(c), num_units, float(drift_um), int(seed), amplitudes_uv)
             for T in durations for c in channels for p in probes for d in drifts]
 
 
@@ -106,7 +110,7 @@ def prepare_case(case: Case, cache_dir: Path = DEFAULT_CACHE, n_jobs: int = 1, l
     rec, gt, info = generate_ground_truth(
         folder, duration=case.duration, num_channels=case.num_channels, num_units=case.num_units,
         drift=case.drift, drift_um=case.drift_um, probe_version=case.probe_version, seed=case.seed,
-        n_jobs=n_jobs,
+        n_jobs=n_jobs, **({} if case.amplitudes_uv is None else dict(amplitudes_uv=case.amplitudes_uv)),
     )
     if t0 is not None:
         log(f"[{case.name}] generated in {time.perf_counter() - t0:.1f} s")
@@ -742,6 +746,8 @@ def build_parser():
     p.add_argument("--num-units", type=int, default=None, help="GT units (default: channels // 3)")
     p.add_argument("--drift-um", type=float, default=20.0, help="drift amplitude in um (default 20)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amplitudes", metavar="LOW,HIGH", help="range of unit amplitudes in uV (generator "
+                   "default 100,500 over 6-8 uV noise; 50,250 puts half the units near threshold)")
     p.add_argument("--sorters", help=f"comma list (default: {OURS}, {', '.join(ALWAYS_PEERS)}, and "
                    f"{', '.join(OPTIONAL_PEERS)} when installed)")
     p.add_argument("--timeout-per-sorter", help="wall-time limit in s per sorter run; '1800' or "
@@ -783,6 +789,7 @@ def main(argv=None) -> int:
         _csv(args.durations, float) if args.durations else preset["durations"],
         _csv(args.channels, int) if args.channels else preset["channels"],
         num_units=args.num_units, drift_um=args.drift_um, seed=args.seed,
+        amplitudes_uv=tuple(_csv(args.amplitudes, float)) if args.amplitudes else None,
     )
     sorters = available_sorters(_csv(args.sorters) if args.sorters else preset.get("sorters"))
     default_timeout, timeouts = parse_timeouts(args.timeout_per_sorter, preset["timeout"])

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 DRIFT_CASES = ("static", "rigid", "nonrigid", "bump")
+# the generator's default range of unit amplitudes (uV at the soma); noise is 6-8 uV, so with it
+# most units sit far above threshold. A lower range gives the near-threshold units real data has.
+DEFAULT_AMPLITUDES_UV = (100.0, 500.0)
 
 
 def neuropixels_probe(num_channels: int = 128, version: int = 1):
@@ -66,6 +69,7 @@ def generate_ground_truth(
     drift: str = "rigid",
     drift_um: float = 20.0,
     probe_version: int = 1,
+    amplitudes_uv: tuple[float, float] = DEFAULT_AMPLITUDES_UV,
     seed: int = 0,
     n_jobs: int = 1,
 ):
@@ -74,6 +78,7 @@ def generate_ground_truth(
     Returns (recording, gt_sorting, info) where the recording is saved binary
     (so it is serializable for run_sorter) and `info` holds the true motion:
     `displacement_times_s` and `displacement_um` (n_times, n_units) per unit.
+    `amplitudes_uv` is the (low, high) range of unit amplitudes the generator draws from.
     """
     import spikeinterface.full as si
     from spikeinterface.generation import generate_drifting_recording
@@ -110,6 +115,11 @@ def generate_ground_truth(
         probe=probe,
         generate_displacement_vector_kwargs=displacement_kwargs,
         generate_sorting_kwargs=dict(firing_rates=(2.0, 8.0), refractory_period_ms=4.0),
+        generate_templates_kwargs=dict(
+            ms_before=1.5, ms_after=3.0, mode="ellipsoid",
+            unit_params=dict(alpha=tuple(map(float, amplitudes_uv)), spatial_decay=(10, 45),
+                             ellipse_shrink=(0.4, 1), ellipse_angle=(0, np.pi * 2)),
+        ),
         extra_outputs=True,
         seed=seed,
     )
@@ -124,7 +134,7 @@ def generate_ground_truth(
         unit_locations=extra["unit_locations"],
     )
     info = dict(duration=duration, num_channels=num_channels, num_units=num_units, drift=drift,
-                drift_um=drift_um, probe_version=probe_version, seed=seed)
+                drift_um=drift_um, probe_version=probe_version, amplitudes_uv=list(amplitudes_uv), seed=seed)
     done.write_text(json.dumps(info))
     return _load_ground_truth(folder)
 

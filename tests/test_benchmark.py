@@ -41,6 +41,24 @@ def test_parsers(rb):
     assert rb.parse_params(['dartsort={"n_jobs": 1}']) == {"dartsort": {"n_jobs": 1}}
     cases = rb.make_cases(["static", "bump"], [1, 2], [10], [32])
     assert len(cases) == 4 and len({c.name for c in cases}) == 4
+    low = rb.make_cases(["rigid"], [1], [10], [32], amplitudes_uv=(50.0, 250.0))[0]
+    assert low.name == "rigid_np1_10s_32ch_amp50-250_seed0"
+
+
+def test_amplitude_range_scales_the_spikes(tmp_path):
+    """A lower amplitude range gives smaller spikes, same units and spike times otherwise."""
+    from dartsort_si.ground_truth import generate_ground_truth
+
+    peaks = {}
+    for amps in [(100.0, 500.0), (20.0, 40.0)]:
+        rec, gt, info = generate_ground_truth(tmp_path / f"amp{amps[0]:g}", duration=3.0, num_channels=16,
+                                              num_units=4, drift="static", amplitudes_uv=amps, seed=3)
+        assert info["amplitudes_uv"] == list(amps)
+        times = np.sort(np.concatenate([gt.get_unit_spike_train(u) for u in gt.unit_ids]))
+        peaks[amps] = times, np.median(np.abs(rec.get_traces()[times]).max(axis=1))
+    (t_hi, p_hi), (t_lo, p_lo) = peaks.values()
+    assert np.array_equal(t_hi, t_lo)
+    assert p_lo < 0.5 * p_hi, (p_lo, p_hi)
 
 
 def test_harness_tiny_case(rb, tmp_path):
