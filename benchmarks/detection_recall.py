@@ -4,11 +4,17 @@ false-positive count (issue 4's yardstick).
     python benchmarks/detection_recall.py [--duration 60] [--channels 128] [--drift rigid] [--final-sort]
     python benchmarks/detection_recall.py --duration 30 --channels 64 --amplitudes 50,250 --final-sort
 
+The recordings are run_benchmark.py's cases, from the same cache (benchmarks/cache/gt): 300 s x
+128 ch is the medium preset's drifting case, 30 s x 64 ch the quick one. With the generator's
+default amplitudes (100-500 uV over 6-8 uV noise) most units are far above any threshold and
+both detectors reach a median recall of 1; --amplitudes 50,250 puts half of them near threshold.
+
 Recall of a unit = fraction of its ground-truth spikes with a detected event within 0.4 ms;
 we report the median and the mean over units, and the recall of colliding spikes (another
-unit within 60 um fires within 1 ms), where subtraction should make the difference. False positives = detected events with no ground-truth spike
-within 0.4 ms. The threshold detector is swept over voltage thresholds and compared at the
-lowest threshold whose false-positive count does not exceed subtraction's.
+unit within 60 um fires within 1 ms), where subtraction should make the difference.
+False positives = detected events with no ground-truth spike within 0.4 ms. The threshold
+detector is swept over voltage thresholds and compared at the lowest threshold whose
+false-positive count does not exceed subtraction's.
 """
 
 import argparse
@@ -20,9 +26,9 @@ from spikeinterface.core.node_pipeline import run_node_pipeline
 import dartsort_si
 from dartsort_si import steps
 from dartsort_si.config import DARTsortUserConfig
-from dartsort_si.ground_truth import generate_ground_truth
 from dartsort_si.preprocessing import preprocess
 from dartsort_si.subtraction import Geometry, SnippetWindow, ThresholdDetector
+from run_benchmark import DEFAULT_CACHE, Case, prepare_case  # the benchmark's cases and cache
 
 TOLERANCE_MS = 0.4
 # a ground-truth spike "collides" when another unit within this distance fires within this time
@@ -84,26 +90,20 @@ def main():
     p.add_argument("--amplitudes", default=None, metavar="LOW,HIGH",
                    help="range of unit amplitudes in uV (generator default 100,500; noise is 6-8 uV). "
                         "A lower range puts most units near threshold, where the detectors differ")
-    p.add_argument("--cache", default="benchmarks/cache")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--denoiser", default="Decollider")
     p.add_argument("--final-sort", action="store_true",
                    help="also sort the case twice, the initial pass by subtraction and by plain threshold "
                         "detection at the matched threshold, and compare well-detected units")
     args = p.parse_args()
-    cache = Path(args.cache)
-    units = f"_{args.num_units}u" if args.num_units else ""
-    amps = {}
-    if args.amplitudes:
-        amps = dict(amplitudes_uv=tuple(float(a) for a in args.amplitudes.split(",")))
-        units += "_amp" + "-".join(f"{a:g}" for a in amps["amplitudes_uv"])
-    case = f"{args.drift}_{args.duration:g}s_{args.channels}ch{units}"
-    rec, gt, info = generate_ground_truth(cache / case,
-                                          duration=args.duration, num_channels=args.channels, drift=args.drift,
-                                          num_units=args.num_units, **amps)
+    cache = args.cache
+    amps = tuple(float(a) for a in args.amplitudes.split(",")) if args.amplitudes else None
+    case = Case(args.drift, 1, args.duration, args.channels, args.num_units, amplitudes_uv=amps)
+    rec, gt, info, _ = prepare_case(case, cache)
     fs = rec.sampling_frequency
     table = spike_table(gt, info["unit_locations"], fs)
     n_units = len(gt.unit_ids)
-    out = cache / f"detection_{case}_{args.denoiser}"
+    out = cache / "detection" / f"{case.name}_{args.denoiser}"
     dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
                                             nn_denoiser_class_name=args.denoiser))
     sub = dartsort_si.DARTsortSorting.from_peeling_hdf5(out / "subtraction.h5")
@@ -143,7 +143,7 @@ def final_sort(rec, gt, cache, case, mode, extra, args):
     try:
         cfg = dict(nn_denoiser_class_name=args.denoiser, **extra)
         tag = "_".join(f"{k}{v}" for k, v in extra.items())
-        res = dartsort_si.dartsort(rec, cache / f"final_{mode}{tag}_{case}_{args.denoiser}", cfg=cfg)
+        res = dartsort_si.dartsort(rec, cache / "detection" / f"final_{mode}{tag}_{case.name}_{args.denoiser}", cfg=cfg)
     finally:
         steps.INITIAL_DETECTION = "subtraction"
     acc = sc.compare_sorter_to_ground_truth(gt, res["sorting"].to_numpy_sorting()).get_performance()["accuracy"].astype(float)
