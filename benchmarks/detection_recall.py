@@ -100,28 +100,8 @@ def main():
     amps = tuple(float(a) for a in args.amplitudes.split(",")) if args.amplitudes else None
     case = Case(args.drift, 1, args.duration, args.channels, args.num_units, amplitudes_uv=amps)
     rec, gt, info, _ = prepare_case(case, cache)
-    fs = rec.sampling_frequency
-    table = spike_table(gt, info["unit_locations"], fs)
-    n_units = len(gt.unit_ids)
     out = cache / "detection" / f"{case.name}_{args.denoiser}"
-    dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
-                                            nn_denoiser_class_name=args.denoiser))
-    sub = dartsort_si.DARTsortSorting.from_peeling_hdf5(out / "subtraction.h5")
-    sub_s = scores(sub.times_samples, table, n_units, fs)
-    print(f"{table[2].sum()} of {len(table[0])} ground-truth spikes collide (another unit within "
-          f"{COLLISION_UM:g} um fires within {COLLISION_MS:g} ms)")
-    print(_line(f"subtraction ({args.denoiser})", sub_s))
-    cfg = DARTsortUserConfig()
-    prec = preprocess(rec, "standardize")
-    g = Geometry.build(prec.get_channel_locations(), cfg)
-    w = SnippetWindow.from_config(cfg, fs)
-    rows = []
-    for thr in np.arange(3.0, 10.01, 0.5):
-        node = ThresholdDetector(prec, g, w, thr, cfg.peak_sign, 8, localize=False)
-        peaks = run_node_pipeline(prec, [node], dict(n_jobs=1, chunk_size=30000, progress_bar=False))
-        s = scores(peaks["sample_index"], table, n_units, fs)
-        rows.append((thr, s))
-        print(_line(f"threshold {thr:4.1f}", s))
+    sub_s, rows = compare_detectors(rec, gt, info, out, args.denoiser, log=print)
     fair = [r for r in rows if r[1]["fp"] <= sub_s["fp"]]
     if not fair:
         return
@@ -133,6 +113,31 @@ def main():
         print("\nFinal sort (default settings otherwise), well-detected units (accuracy >= 0.8):")
         for mode, extra in [("subtraction", {}), ("threshold", dict(voltage_threshold=float(thr)))]:
             print(f"  initial detection by {mode:<11} {final_sort(rec, gt, cache, case, mode, extra, args)}")
+
+
+def compare_detectors(rec, gt, info, out, denoiser, thresholds=np.arange(3.0, 10.01, 0.5), log=print):
+    """Scores of the subtraction pass (run into `out`) and of plain crossings at each threshold."""
+    fs = rec.sampling_frequency
+    table = spike_table(gt, info["unit_locations"], fs)
+    n_units = len(gt.unit_ids)
+    log(f"{table[2].sum()} of {len(table[0])} ground-truth spikes collide (another unit within "
+        f"{COLLISION_UM:g} um fires within {COLLISION_MS:g} ms)")
+    dartsort_si.dartsort(rec, out, cfg=dict(dredge_only=True, preprocessing="standardize",
+                                            nn_denoiser_class_name=denoiser))
+    sub = dartsort_si.DARTsortSorting.from_peeling_hdf5(Path(out) / "subtraction.h5")
+    sub_s = scores(sub.times_samples, table, n_units, fs)
+    log(_line(f"subtraction ({denoiser})", sub_s))
+    cfg = DARTsortUserConfig()
+    prec = preprocess(rec, "standardize")
+    g = Geometry.build(prec.get_channel_locations(), cfg)
+    w = SnippetWindow.from_config(cfg, fs)
+    rows = []
+    for thr in thresholds:
+        node = ThresholdDetector(prec, g, w, thr, cfg.peak_sign, 8, localize=False)
+        peaks = run_node_pipeline(prec, [node], dict(n_jobs=1, chunk_size=30000, progress_bar=False))
+        rows.append((float(thr), scores(peaks["sample_index"], table, n_units, fs)))
+        log(_line(f"threshold {thr:4.1f}", rows[-1][1]))
+    return sub_s, rows
 
 
 def final_sort(rec, gt, cache, case, mode, extra, args):

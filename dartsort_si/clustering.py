@@ -349,6 +349,36 @@ def cluster_spikes(
     return labels
 
 
+def echo_mask(times, channels, amplitudes, geom, *, window_samples, radius_um, ratio=3.0):
+    """True for events that sit within window_samples and radius_um of an event at
+    least `ratio` times larger: "echoes" of a big spike.
+
+    Subtraction removes the denoiser's estimate of a spike; on the far channels of
+    a big unit, where the estimate falls short, the remainder can cross threshold
+    again a few samples later. Such echoes (30 s x 64 ch, 50-250 uV: a third of one
+    small cluster, 6-8 samples and 50-100 um from spikes 4x larger) pull the
+    cluster's mean template toward the big unit's waveform. Real small spikes this
+    close to a big one are rare, and matching still finds them.
+    """
+    times = np.asarray(times)
+    n = len(times)
+    order = np.argsort(times, kind="stable")
+    t, c, a = times[order], np.asarray(channels)[order], np.abs(np.asarray(amplitudes, float))[order]
+    near_channels = np.linalg.norm(geom[:, None] - geom[None], axis=2) <= radius_um
+    echo = np.zeros(n, dtype=bool)
+    for k in range(1, n):  # pairs k apart in time order; gaps only grow with k
+        i = np.flatnonzero(t[k:] - t[:-k] <= window_samples)
+        if not len(i):
+            break
+        j = i + k
+        near = near_channels[c[i], c[j]]
+        echo[j[near & (a[i] >= ratio * a[j])]] = True
+        echo[i[near & (a[j] >= ratio * a[i])]] = True
+    out = np.zeros(n, dtype=bool)
+    out[order] = echo
+    return out
+
+
 def _whitened_pcs(features, n_pcs, max_nan_fraction=0.5):
     """Top principal components of (N, F) features, each scaled to unit variance.
 

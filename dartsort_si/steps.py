@@ -32,6 +32,9 @@ MIN_UNIT_SPIKES = 20
 # relative residual between registered templates; 0.35 merged distinct neighbours once the
 # templates were registered by interpolation (30 s x 64 ch rigid drift: 9 -> 12 of 21 well detected)
 MERGE_DISTANCE = 0.3
+# events this close to a 3x bigger one are left out of clustering (clustering.echo_mask)
+ECHO_MS = 0.5
+ECHO_RADIUS_UM = 150.0
 # log-amplitude axis scale in clustering: a factor e in amplitude spans this many um
 AMPLITUDE_SCALE_UM = 50.0
 DECOLLIDER_MAX_SECONDS = 120.0  # cap for long recordings; short ones get less (see fit_models)
@@ -294,9 +297,14 @@ def _cluster(ctx, detected, motion_info):
     """
     locs = detected.point_source_localizations
     z_reg = motion_info.correct_s(detected.times_samples / ctx.fs, locs[:, 2])
-    labels = clustering.cluster_spikes(locs[:, 0], z_reg, detected.denoised_ptp_amplitudes,
-                                       amplitude_scale=AMPLITUDE_SCALE_UM)
-    logger.info("dartsort: density clustering: %d clusters", labels.max() + 1)
+    amps = detected.denoised_ptp_amplitudes
+    echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
+                                window_samples=int(ECHO_MS * ctx.fs / 1000), radius_um=ECHO_RADIUS_UM)
+    labels = np.full(len(amps), -1, dtype=np.int64)
+    labels[~echo] = clustering.cluster_spikes(locs[~echo, 0], z_reg[~echo], amps[~echo],
+                                              amplitude_scale=AMPLITUDE_SCALE_UM)
+    logger.info("dartsort: density clustering: %d clusters (%d echo events of bigger spikes left out)",
+                labels.max() + 1, echo.sum())
     return labels
 
 

@@ -106,3 +106,27 @@ def test_harness_tiny_case(rb, tmp_path):
     assert len(data["rows"]) == len(rows)
     assert Path(out["png"]).stat().st_size > 0
     assert all(not (isinstance(r["wall_s"], float) and math.isnan(r["wall_s"])) for r in data["rows"])
+
+
+@pytest.fixture(scope="module")
+def dr(rb):
+    """benchmarks/detection_recall.py (imports run_benchmark, which the rb fixture registered)."""
+    spec = importlib.util.spec_from_file_location("detection_recall", ROOT / "benchmarks" / "detection_recall.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_subtraction_recalls_more_than_threshold_near_threshold(dr, tmp_path):
+    """Issue 4's yardstick on a tiny near-threshold case: at no more false positives than
+    subtraction, plain threshold crossings reach a lower median unit recall."""
+    from dartsort_si.ground_truth import generate_ground_truth
+
+    rec, gt, info = generate_ground_truth(tmp_path / "gt", duration=10.0, num_channels=32, num_units=10,
+                                          drift="rigid", amplitudes_uv=(50.0, 250.0), seed=4)
+    sub, rows = dr.compare_detectors(rec, gt, info, tmp_path / "det", "SingleChannelWaveformDenoiser",
+                                     thresholds=np.arange(4.0, 10.01, 1.0))
+    thr, fair = next((t, s) for t, s in rows if s["fp"] <= sub["fp"])
+    print(f"subtraction {sub}, threshold {thr}: {fair}")
+    assert sub["median"] > fair["median"] + 0.05
+    assert sub["mean"] > fair["mean"]

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from dartsort_si.clustering import cluster_spikes, density_peak_clustering, split_clusters
+from dartsort_si.clustering import cluster_spikes, density_peak_clustering, echo_mask, split_clusters
 
 
 def adjusted_rand_index(a, b):
@@ -172,3 +172,19 @@ def test_speed_200k_points():
     print(f"200k spikes: {elapsed:.2f} s, {labels.max() + 1} clusters, ARI {ari:.4f}")
     assert elapsed < 20
     assert ari >= 0.9
+
+
+def test_echo_mask_flags_small_events_next_to_big_ones():
+    geom = np.column_stack([np.zeros(20), 20.0 * np.arange(20)])  # one column, 20 um pitch
+    # (time, channel, amplitude)
+    events = [
+        (1000, 5, 20.0), (1007, 9, 4.0),    # echo: 7 samples, 80 um, 5x smaller -> flagged
+        (2000, 5, 20.0), (2007, 15, 4.0),   # 200 um away: a real spike elsewhere
+        (3000, 5, 20.0), (3030, 6, 4.0),    # 1 ms later: outside the window
+        (4000, 5, 8.0), (4005, 6, 4.0),     # only 2x smaller: kept
+        (5010, 2, 3.0), (5000, 3, 15.0),    # input need not be sorted by time
+    ]
+    t, c, a = map(np.array, zip(*events))
+    got = echo_mask(t, c, a, geom, window_samples=15, radius_um=150.0)
+    assert got.tolist() == [False, True, False, False, False, False, False, False, True, False]
+    assert not echo_mask(t[:0], c[:0], a[:0], geom, window_samples=15, radius_um=150.0).any()
