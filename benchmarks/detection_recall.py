@@ -96,11 +96,10 @@ def main():
                    help="also sort the case twice, the initial pass by subtraction and by plain threshold "
                         "detection at the matched threshold, and compare well-detected units")
     args = p.parse_args()
-    cache = args.cache
     amps = tuple(float(a) for a in args.amplitudes.split(",")) if args.amplitudes else None
     case = Case(args.drift, 1, args.duration, args.channels, args.num_units, amplitudes_uv=amps)
-    rec, gt, info, _ = prepare_case(case, cache)
-    out = cache / "detection" / f"{case.name}_{args.denoiser}"
+    rec, gt, info, _ = prepare_case(case, args.cache)
+    out = args.cache / "detection" / f"{case.name}_{args.denoiser}"
     sub_s, rows = compare_detectors(rec, gt, info, out, args.denoiser, log=print)
     fair = [r for r in rows if r[1]["fp"] <= sub_s["fp"]]
     if not fair:
@@ -112,7 +111,7 @@ def main():
     if args.final_sort:
         print("\nFinal sort (default settings otherwise), well-detected units (accuracy >= 0.8):")
         for mode, extra in [("subtraction", {}), ("threshold", dict(voltage_threshold=float(thr)))]:
-            print(f"  initial detection by {mode:<11} {final_sort(rec, gt, cache, case, mode, extra, args)}")
+            print(f"  initial detection by {mode:<11} {final_sort(rec, gt, args.cache, case, mode, extra, args)}")
 
 
 def compare_detectors(rec, gt, info, out, denoiser, thresholds=np.arange(3.0, 10.01, 0.5), log=print):

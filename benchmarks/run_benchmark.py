@@ -99,7 +99,7 @@ def make_cases(drifts, probes, durations, channels, *, num_units=None, drift_um=
 
 def prepare_case(case: Case, cache_dir: Path = DEFAULT_CACHE, n_jobs: int = 1, log=print):
     """Generate (or load from the cache) a case; returns (recording, gt_sorting, info, folder)."""
-    from dartsort_si.ground_truth import generate_ground_truth
+    from dartsort_si.ground_truth import DEFAULT_AMPLITUDES_UV, generate_ground_truth
 
     folder = Path(cache_dir) / "gt" / case.name
     if not (folder / "info.json").exists():
@@ -110,7 +110,7 @@ def prepare_case(case: Case, cache_dir: Path = DEFAULT_CACHE, n_jobs: int = 1, l
     rec, gt, info = generate_ground_truth(
         folder, duration=case.duration, num_channels=case.num_channels, num_units=case.num_units,
         drift=case.drift, drift_um=case.drift_um, probe_version=case.probe_version, seed=case.seed,
-        n_jobs=n_jobs, **({} if case.amplitudes_uv is None else dict(amplitudes_uv=case.amplitudes_uv)),
+        n_jobs=n_jobs, amplitudes_uv=case.amplitudes_uv or DEFAULT_AMPLITUDES_UV,
     )
     if t0 is not None:
         log(f"[{case.name}] generated in {time.perf_counter() - t0:.1f} s")
