@@ -379,6 +379,23 @@ def echo_mask(times, channels, amplitudes, geom, *, window_samples, radius_um, r
     return out
 
 
+def drop_echo_clusters(labels, is_echo, max_fraction):
+    """Clusters made mostly of echoes (is_echo: events near a much bigger one) become -1.
+
+    Echoes of big spikes a little later than the event-level filter reaches (20-22
+    samples after an SNR-39 unit, 60 s x 128 ch) form clusters of their own at the
+    detection threshold; every event of such a cluster is time-locked to its big
+    neighbour, where a real small unit shares only the few percent of its spikes
+    that fall near another unit's by chance.
+    """
+    labels = np.asarray(labels).copy()
+    for u in np.unique(labels[labels >= 0]):
+        members = labels == u
+        if is_echo[members].mean() > max_fraction:
+            labels[members] = -1
+    return labels
+
+
 def _whitened_pcs(features, n_pcs, max_nan_fraction=0.5):
     """Top principal components of (N, F) features, each scaled to unit variance.
 

@@ -26,6 +26,11 @@ spike_dtype = np.dtype([
     ("upsample_index", "int16"),
 ])
 
+leftover_dtype = np.dtype([
+    ("sample_index", "int64"), ("channel_index", "int64"), ("amplitude", "float32"),
+    ("x", "float32"), ("z", "float32"),
+])
+
 SVD_RANK = 5
 MAX_ITERATIONS = 200
 REFRACTORY_SAMPLES = 10
@@ -51,8 +56,14 @@ def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
 
 class TemplateMatcher(PeakDetector):
     def __init__(self, recording, templates: Templates, motion_info, cfg, geometry, device="cpu",
-                 with_features=True):
+                 with_features=True, leftover_threshold=None, dedup_samples=7):
+        """leftover_threshold: also return the residual's threshold crossings at this level
+        (after matching: events no template explains) as a third output, with their
+        amplitude and point-source (x, z) on the residual."""
         super().__init__(recording, return_output=True)
+        self.leftover_threshold = leftover_threshold
+        self.peak_sign = cfg.peak_sign
+        self.dedup_samples = dedup_samples
         self.fs = recording.sampling_frequency
         self.templates = templates
         self.motion_info = motion_info
@@ -93,10 +104,11 @@ class TemplateMatcher(PeakDetector):
     def compute(self, traces, start_frame, end_frame, segment_index, max_margin):
         x = torch.as_tensor(np.asarray(traces, dtype=np.float32), device=self.device)
         empty = np.zeros(0, dtype=spike_dtype)
-        if self.templates.n_units == 0:
-            return (empty, np.zeros((0, 4), np.float32)) if self.with_features else (empty,)
-        temps = self.chunk_templates((start_frame + end_frame) / 2 / self.fs)
         residual = x.clone()
+        if self.templates.n_units == 0:
+            out = (empty, np.zeros((0, 4), np.float32)) if self.with_features else (empty,)
+            return self._with_leftovers(out, residual, start_frame)
+        temps = self.chunk_templates((start_frame + end_frame) / 2 / self.fs)
         times, units, scales, ups = self.peel(residual, temps)
         margin = self.get_margin()
         keep = (times >= margin) & (times < len(x) - margin)
@@ -112,8 +124,33 @@ class TemplateMatcher(PeakDetector):
         spikes["upsample_index"] = ups.cpu().numpy()
         spikes["segment_index"] = segment_index
         if not self.with_features:
-            return (spikes,)
-        return spikes, self.localize(residual, temps, times, units, scales, ups, main[units])
+            return self._with_leftovers((spikes,), residual, start_frame)
+        out = (spikes, self.localize(residual, temps, times, units, scales, ups, main[units]))
+        return self._with_leftovers(out, residual, start_frame)
+
+    def _with_leftovers(self, out, residual, start_frame):
+        if self.leftover_threshold is None:
+            return out
+        return out + (self.leftovers(residual, start_frame),)
+
+    def leftovers(self, residual, start_frame):
+        """Threshold crossings of the residual, localized on their residual snippets.
+        Sample indices are absolute (the pipeline only shifts the first output)."""
+        g = self.geometry
+        margin = self.get_margin()
+        t, c, _ = wf.find_peaks(residual, self.leftover_threshold, self.peak_sign, g.dedup_index,
+                                self.dedup_samples, valid=(margin, len(residual) - margin))
+        offsets = torch.arange(-self.n_before, self.length - self.n_before, device=residual.device)
+        amps = wf.ptp(wf.cut(residual, t, c, g.localization_index, offsets))
+        amps = torch.where(wf.neighbour_mask(g.localization_index, c), amps, torch.nan)
+        locs = localize_amplitude_vectors(amps, c.cpu().numpy(), g.geom, g.localization_index.cpu().numpy(),
+                                          device=self.device)
+        out = np.zeros(len(t), dtype=leftover_dtype)
+        out["sample_index"] = t.cpu().numpy() - margin + start_frame
+        out["channel_index"] = c.cpu().numpy()
+        out["amplitude"] = torch.nan_to_num(amps, nan=0.0).amax(1).cpu().numpy() if len(t) else 0.0
+        out["x"], out["z"] = locs[:, 0], locs[:, 2]
+        return out
 
     def localize(self, residual, temps, times, units, scales, ups, chans):
         """Point-source fit on the collision-cleaned waveform: residual + own scaled template."""

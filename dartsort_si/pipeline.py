@@ -194,7 +194,7 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
                             si_motion=motion_info.si_motion if motion_info.drifting else None)
     if cfg.dredge_only:
         return result
-    sorting = steps.initial_clustering(ctx, detected, motion_info)
+    sorting = steps.initial_clustering(ctx, detected, motion_info, models)
     for i in range(1, cfg.matching_iterations + 1):
         sorting = steps.match(ctx, sorting, motion_info, i)
     final = out / "dartsort_sorting.npz"

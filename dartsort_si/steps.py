@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from spikeinterface.core.node_pipeline import run_node_pipeline
 
-from . import clustering, waveforms as wf
+from . import clustering, refinement, waveforms as wf
 from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
@@ -29,12 +29,17 @@ N_FIT_CHUNKS = 20
 MAX_FIT_SNIPPETS = 20000
 DEDUP_MS = 0.25
 MIN_UNIT_SPIKES = 20
-# relative residual between registered templates; 0.35 merged distinct neighbours once the
-# templates were registered by interpolation (30 s x 64 ch rigid drift: 9 -> 12 of 21 well detected)
-MERGE_DISTANCE = 0.3
 # events this close to a 3x bigger one are left out of clustering (clustering.echo_mask)
 ECHO_MS = 0.5
 ECHO_RADIUS_UM = 150.0
+# clusters with more than this fraction of their events within ECHO_CLUSTER_MS and
+# ECHO_RADIUS_UM of a 3x bigger event are echoes, not a unit (60 s x 128 ch: the junk
+# clusters' fractions were 0.84-0.99, no real unit's above 0.3)
+ECHO_CLUSTER_MS = 1.5
+ECHO_CLUSTER_FRACTION = 0.5
+# after matching, residual crossings at this level (noise units) that cluster become new units:
+# high enough that noise alone almost never crosses it on the whole probe
+LEFTOVER_THRESHOLD = 6.0
 # log-amplitude axis scale in clustering: a factor e in amplitude spans this many um
 AMPLITUDE_SCALE_UM = 50.0
 DECOLLIDER_MAX_SECONDS = 120.0  # cap for long recordings; short ones get less (see fit_models)
@@ -277,24 +282,19 @@ def motion_step(ctx, detected, motion, si_motion, dredge_motion_est) -> MotionIn
 
 # -- stage 7/8: clustering and templates
 
-def initial_clustering(ctx, detected, motion_info) -> DARTsortSorting:
+def initial_clustering(ctx, detected, motion_info, models) -> DARTsortSorting:
     path = ctx.out / "initial_labels.npz"
     if not path.exists():
         with ctx.timer("clustering"):
-            labels = _cluster(ctx, detected, motion_info)
+            labels = _cluster(ctx, detected, motion_info, models["feature_tpca"]["components"])
             atomic_savez(path, labels=labels)
     labels = np.load(path)["labels"]
     return detected.ephemeral_replace(labels=labels)
 
 
-def _cluster(ctx, detected, motion_info):
-    """Density clustering on (x, registered z, scaled log amplitude).
-
-    A further split of each cluster in its temporal-PCA feature space
-    (clustering.split_clusters) is not applied: on drifting data it split units
-    whose waveforms change with their position relative to the contacts
-    (60 s x 128 ch: 39 -> 87 clusters, and fewer well-detected units).
-    """
+def _cluster(ctx, detected, motion_info, feature_basis):
+    """Density clustering on (x, registered z, scaled log amplitude), then a split on
+    registered waveform features (refinement.split_units)."""
     locs = detected.point_source_localizations
     z_reg = motion_info.correct_s(detected.times_samples / ctx.fs, locs[:, 2])
     amps = detected.denoised_ptp_amplitudes
@@ -303,9 +303,28 @@ def _cluster(ctx, detected, motion_info):
     labels = np.full(len(amps), -1, dtype=np.int64)
     labels[~echo] = clustering.cluster_spikes(locs[~echo, 0], z_reg[~echo], amps[~echo],
                                               amplitude_scale=AMPLITUDE_SCALE_UM)
-    logger.info("dartsort: density clustering: %d clusters (%d echo events of bigger spikes left out)",
-                labels.max() + 1, echo.sum())
-    return labels
+    n_initial = labels.max() + 1
+    feats = refinement.RegisteredFeatures(
+        detected.collisioncleaned_tpca_features, detected.channels,
+        ctx.geometry.featurization_index.cpu().numpy(), ctx.geometry.geom, motion_info.rgeom,
+        drift_um=locs[:, 2] - z_reg, components=feature_basis)
+    labels = refinement.split_units(labels, locs[:, 0], z_reg, feats,
+                                    amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
+    n_split = labels.max() + 1
+    late_echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
+                                     window_samples=int(ECHO_CLUSTER_MS * ctx.fs / 1000), radius_um=ECHO_RADIUS_UM)
+    labels = clustering.drop_echo_clusters(labels, late_echo, ECHO_CLUSTER_FRACTION)
+    logger.info("dartsort: density clustering: %d clusters (%d echo events of bigger spikes left out); "
+                "%d after the split on registered features, %d echo clusters dropped", n_initial, echo.sum(),
+                n_split, n_split - len(np.unique(labels[labels >= 0])))
+    return _renumber(labels)
+
+
+def _renumber(labels):
+    out = labels.copy()
+    valid = labels >= 0
+    out[valid] = np.unique(labels[valid], return_inverse=True)[1]
+    return out
 
 
 def unit_templates(ctx, sorting, motion_info, name) -> Templates:
@@ -317,50 +336,10 @@ def unit_templates(ctx, sorting, motion_info, name) -> Templates:
         temps = estimate_templates(ctx.rec, sorting.times_samples, sorting.labels, motion_info,
                                    depths_um=sorting.point_source_localizations[:, 2], n_before=w.n_before,
                                    n_after=w.n_after, job_kwargs=ctx.job_kwargs)
-        temps = merge_templates(temps)
+        temps = refinement.merge_templates(temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
         temps = temps.subset((temps.counts >= MIN_UNIT_SPIKES) & (temps.ptp() > 0))
         temps.save(path)
     return temps
-
-
-def merge_templates(temps: Templates, max_shift=3) -> Templates:
-    """Merge units whose templates match within MERGE_DISTANCE (relative residual norm,
-    best time shift and amplitude scale); merged templates are count-weighted means."""
-    k = temps.n_units
-    data = torch.as_tensor(temps.data, dtype=torch.float32)
-    main = temps.main_channels()
-    parent = list(range(k))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(k):
-        for j in range(i + 1, k):
-            if main[i] != main[j] and abs(main[i] - main[j]) > 8:
-                continue
-            if _template_distance(data[i], data[j], max_shift) < MERGE_DISTANCE:
-                parent[find(j)] = find(i)
-    roots = np.array([find(i) for i in range(k)])
-    keep = np.unique(roots)
-    merged = np.stack([np.average(temps.data[roots == r], axis=0, weights=temps.counts[roots == r] + 1e-9)
-                       for r in keep]) if k else temps.data
-    counts = np.array([temps.counts[roots == r].sum() for r in keep]) if k else temps.counts
-    if len(keep) < k:
-        logger.info("dartsort: merged %d units into %d", k, len(keep))
-    return Templates(merged.astype(np.float32), temps.unit_ids[keep], counts, temps.n_before)
-
-
-def _template_distance(a, b, max_shift):
-    best = np.inf
-    for s in range(-max_shift, max_shift + 1):
-        bs = torch.roll(b, s, dims=0)
-        scale = (a * bs).sum() / (bs * bs).sum().clamp(min=1e-9)
-        d = (a - scale * bs).norm() / max(a.norm(), 1e-9)
-        best = min(best, float(d))
-    return best
 
 
 # -- stage 9: matching
@@ -370,10 +349,15 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
     if not path.exists():
         temps = unit_templates(ctx, sorting, motion_info, f"templates{i}")
         with ctx.timer(f"matching{i}"):
-            node = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device)
-            spikes, locs = _run_nodes(ctx, node, None, f"matching {i}")
-            order = np.argsort(spikes["sample_index"], kind="stable")
-            spikes, locs = spikes[order], locs[order]
+            spikes, locs, leftovers = _match_pass(ctx, temps, motion_info, leftovers=True)
+            new = leftover_templates(ctx, temps, spikes, leftovers, motion_info)
+            if new.n_units:
+                # units the clustering missed: match again with their templates added
+                more = temps.concat(new)
+                spikes2, locs2 = _match_pass(ctx, more, motion_info)
+                if _rematch_is_sane(spikes, spikes2, temps.n_units, new.counts):
+                    keep = _spikes_of_kept_new_units(spikes2, temps.n_units, new.counts)
+                    temps, spikes, locs = more, spikes2[keep], locs2[keep]
             features = dict(point_source_localizations=locs, scales=spikes["scale"],
                             denoised_ptp_amplitudes=spikes["amplitude"],
                             upsampling_indices=spikes["upsample_index"].astype(np.int64))
@@ -381,3 +365,65 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
                                labels=temps.unit_ids[spikes["unit_index"]], sampling_frequency=ctx.fs,
                                geom=ctx.geometry.geom, features=features)
     return DARTsortSorting.from_peeling_hdf5(path)
+
+
+def _rematch_is_sane(before, after, n_old, new_counts):
+    """A unit found among the leftovers explains its own events, not everyone's: after
+    the rematch no old unit may gain more than half its spikes (+20) and no new unit
+    take more than twice its leftover events (+20). A leftover cluster made of what
+    matching failed to subtract from big units instead pulled tens of thousands of
+    spikes into a loop between templates (60 s x 128 ch NP2: 11,290 -> 180,179 spikes)."""
+    old_before = np.bincount(before["unit_index"], minlength=n_old)
+    counts_after = np.bincount(after["unit_index"], minlength=n_old + len(new_counts))
+    sane = (counts_after[:n_old] <= 1.5 * old_before + 20).all() and \
+        (counts_after[n_old:] <= 2 * np.asarray(new_counts) + 20).all()
+    if not sane:
+        logger.warning("dartsort: units found among the leftovers took others' spikes; kept the first pass")
+    return sane
+
+
+def _spikes_of_kept_new_units(spikes, n_old, new_counts):
+    """Mask of spikes to keep: a new unit that matched under half its leftover events
+    (or under MIN_UNIT_SPIKES) explains nothing real and is dropped with its spikes
+    (60 s x 128 ch: three new units matched 11, 3 and 1 spikes, none a true unit)."""
+    counts = np.bincount(spikes["unit_index"], minlength=n_old + len(new_counts))[n_old:]
+    weak = n_old + np.flatnonzero(counts < np.maximum(MIN_UNIT_SPIKES, 0.5 * np.asarray(new_counts)))
+    if len(weak):
+        logger.info("dartsort: %d of %d new units matched too few spikes; dropped", len(weak), len(new_counts))
+    return ~np.isin(spikes["unit_index"], weak)
+
+
+def _match_pass(ctx, temps, motion_info, leftovers=False):
+    """(spikes, localizations[, leftover events]) of one matching pass, spikes in time order."""
+    node = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device,
+                           leftover_threshold=LEFTOVER_THRESHOLD if leftovers else None,
+                           dedup_samples=ctx.dedup_samples)
+    outs = _run_nodes(ctx, node, None, "matching")
+    spikes, locs = outs[0], outs[1]
+    order = np.argsort(spikes["sample_index"], kind="stable")
+    out = (spikes[order], locs[order])
+    if leftovers:
+        left = outs[2]
+        out += (left[np.argsort(left["sample_index"], kind="stable")],)
+    return out
+
+
+def leftover_templates(ctx, temps, spikes, leftovers, motion_info) -> Templates:
+    """Templates of units found among the events matching left unexplained."""
+    z_reg = motion_info.correct_s(leftovers["sample_index"] / ctx.fs, leftovers["z"])
+    labels = refinement.cluster_leftovers(
+        leftovers, z_reg, spikes, ctx.geometry.geom, amplitude_scale=AMPLITUDE_SCALE_UM,
+        echo_samples=int(ECHO_MS * ctx.fs / 1000), echo_cluster_samples=int(ECHO_CLUSTER_MS * ctx.fs / 1000),
+        echo_radius_um=ECHO_RADIUS_UM, echo_cluster_fraction=ECHO_CLUSTER_FRACTION)
+    if labels.max(initial=-1) < 0:
+        return temps.subset(np.zeros(temps.n_units, bool))
+    w = ctx.window
+    new = estimate_templates(ctx.rec, leftovers["sample_index"], labels, motion_info,
+                             depths_um=leftovers["z"], n_before=w.n_before, n_after=w.n_after,
+                             job_kwargs=ctx.job_kwargs)
+    new = new.subset((new.counts >= MIN_UNIT_SPIKES) & (new.ptp() > 0))
+    new = refinement.drop_known(new, temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
+    start = int(temps.unit_ids.max(initial=-1)) + 1
+    new = Templates(new.data, np.arange(start, start + new.n_units), new.counts, new.n_before)
+    logger.info("dartsort: %d new units from %d events no template explained", new.n_units, len(leftovers))
+    return new

@@ -54,6 +54,10 @@ class Templates:
     def ptp(self) -> np.ndarray:
         return (self.data.max(1) - self.data.min(1)).max(1) if self.n_units else np.zeros(0)
 
+    def concat(self, other: "Templates") -> "Templates":
+        return Templates(np.concatenate([self.data, other.data]), np.concatenate([self.unit_ids, other.unit_ids]),
+                         np.concatenate([self.counts, other.counts]), self.n_before)
+
     def subset(self, keep) -> "Templates":
         return Templates(self.data[keep], self.unit_ids[keep], self.counts[keep], self.n_before)
 

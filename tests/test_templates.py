@@ -8,7 +8,7 @@ import torch
 from dredge.motion_util import get_motion_estimate
 
 from dartsort_si.data import MotionInfo
-from dartsort_si.steps import _template_distance
+from dartsort_si.refinement import template_distance
 from dartsort_si.templates import Kriging, estimate_templates, interpolation_reach
 
 FS = 30000.0
@@ -78,8 +78,8 @@ def test_drifting_unit_has_one_registered_template(drift_um):
     temps = estimate_templates(rec, times, labels, motion, **kw)
     still = MotionInfo.from_motion_est(geom=geom, probe_boundary_padding_um=0.0)
     raw = estimate_templates(rec, times, labels, still, **kw)
-    d_reg = _template_distance(*torch.as_tensor(temps.data), 0)
-    d_raw = _template_distance(*torch.as_tensor(raw.data), 0)
+    d_reg = template_distance(*torch.as_tensor(temps.data), 1.0, 0)
+    d_raw = template_distance(*torch.as_tensor(raw.data), 1.0, 0)
     print(f"drift {drift_um} um: template distance registered {d_reg:.3f}, uncorrected {d_raw:.3f}")
     assert d_reg < 0.08
     assert d_raw > 2 * d_reg

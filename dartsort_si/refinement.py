@@ -1,0 +1,317 @@
+"""Stage 7, refinement: split and merge clusters on registered waveform features.
+
+The initial density clustering (clustering.py) sees only position and one
+amplitude. Two neurons at the same place with different amplitudes or
+waveforms can fall into one cluster there, and one neuron can break into
+pieces where its amplitude wobbles with drift. Refinement looks at the
+waveforms themselves, in *registered* space so that drift moves nothing:
+
+- `RegisteredFeatures`: each spike's collision-cleaned temporal-PCA features,
+  read on its detection channel's neighbourhood of the real probe, are
+  interpolated (kriging, as for templates) onto a fixed set of registered
+  channels, at the probe position those channels had when the spike fired.
+- `split_units`: each cluster is re-clustered by density in the whitened PCs
+  of its registered features (clustering.split_clusters' machinery).
+  A split stands only between pieces whose amplitudes differ by more than
+  the merge rule allows, so that it separates co-located neurons and not the
+  pieces one neuron's waveform falls into.
+- `merge_templates`: units whose registered templates match (relative
+  residual on their signal channels, best shift) merge, but never when their
+  amplitudes differ by more than matching's own scale bound (1 +/-
+  amplitude_scaling_boundary): two units on the same channels whose
+  amplitudes differ that much are two neurons (PIPELINE.md stage 7).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from scipy.spatial.distance import cdist
+from threadpoolctl import threadpool_limits
+
+from .clustering import _split_once, cluster_spikes, drop_echo_clusters, echo_mask
+from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
+
+logger = logging.getLogger("dartsort_si")
+
+# merge units whose registered templates differ by less than this relative residual (on the
+# channels where either has signal, best shift, amplitude scale within matching's bound).
+# 0.3 was chosen on all channels (30 s x 64 ch rigid drift: 0.35 merged distinct neighbours);
+# on signal channels alone pieces of one unit sit at 0.23-0.32 (60 s x 128 ch non-rigid)
+MERGE_DISTANCE = 0.3
+# template channels with a peak-to-peak below this (noise units) carry no signal
+SIGNAL_PTP = 1.0
+# registered channels within this radius of a cluster's centre carry its features: the
+# main channel and its ring on Neuropixels (8-12 channels)
+FEATURE_RADIUS_UM = 50.0
+# features of at most this many spikes per cluster are used to split and merge
+MAX_SPIKES = 1500
+# spikes are re-aligned by up to this many samples (in quarter samples) before their features are compared
+ALIGN_SAMPLES = 2
+# the smallest cluster split_units may produce
+MIN_SPLIT_SIZE = 25
+
+
+class RegisteredFeatures:
+    """Interpolates spikes' temporal-PCA features onto registered channels.
+
+    features (N, rank, K) on the neighbourhood channel_index[channels] of each
+    spike's detection channel (zeros or NaN where a slot is padding);
+    drift_um (N,): displacement of each spike (depth - registered depth);
+    components (rank, L): the temporal PCA basis the features were taken in.
+    """
+
+    def __init__(self, features, channels, channel_index, geom, rgeom, drift_um, components):
+        self.features = np.nan_to_num(np.asarray(features, np.float32))
+        self.components = np.asarray(components, np.float32)  # (rank, L) temporal basis
+        self.channels = np.asarray(channels)
+        self.channel_index = np.asarray(channel_index)
+        self.geom = np.asarray(geom, float)
+        self.rgeom = np.asarray(rgeom, float)
+        self.drift = quantized_drift(drift_um)
+        self.reach = interpolation_reach(self.geom)
+
+    def channels_near(self, centre_xz, radius_um=FEATURE_RADIUS_UM):
+        """Registered channels within radius_um of a registered (x, z) position."""
+        d = cdist(np.atleast_2d(centre_xz), self.rgeom)[0]
+        near = np.flatnonzero(d <= radius_um)
+        return near if len(near) else np.array([int(d.argmin())])
+
+    def on(self, spikes, reg_channels):
+        """(n, rank, len(reg_channels)) features of `spikes` on registered channels."""
+        n_chans = len(self.geom)
+        rank = self.features.shape[1]
+        full = np.zeros((len(spikes), n_chans + 1, rank), np.float32)
+        slots = self.channel_index[self.channels[spikes]]  # (n, K), n_chans = padding
+        full[np.arange(len(spikes))[:, None], slots] = self.features[spikes].transpose(0, 2, 1)
+        full = full[:, :n_chans]
+        kriging = Kriging(self.geom, self.rgeom[reg_channels], self.reach)
+        out = np.zeros((len(spikes), rank, len(reg_channels)), np.float32)
+        drift = self.drift[spikes]
+        for k in np.unique(drift):
+            sel = drift == k
+            w, _ = kriging.weights(k * DRIFT_STEP_UM)  # (R, C)
+            out[sel] = np.einsum("rc,nck->nkr", w, full[sel])
+        return out
+
+    def aligned(self, spikes, reg_channels, n_iter=2):
+        """(n, rank * R) registered features, each spike delayed by the fraction of a
+        sample (within +-ALIGN_SAMPLES) that best matches the group's mean.
+
+        Detection puts a spike on the sample nearest its trough, so the sampled shape
+        jumps where the true trough crosses the half-sample point: one unit comes out
+        as two waveforms a sample apart, and in temporal-PCA space those are two
+        clusters (60 s x 128 ch: pieces of one SNR-17 unit at offsets 0 and +1
+        against the truth, no density between them). Delays act on the features
+        directly, through the projections of the delayed basis on the basis.
+        """
+        feats = self.on(spikes, reg_channels)  # (n, rank, R)
+        ops = self._shift_operators()  # (S, rank, rank)
+        moved = np.einsum("nkr,skj->snjr", feats, ops)
+        chosen = feats
+        for _ in range(n_iter):
+            best = np.einsum("snjr,jr->sn", moved, chosen.mean(0)).argmax(0)
+            chosen = moved[best, np.arange(len(feats))]
+        return chosen.reshape(len(spikes), -1)
+
+    def _shift_operators(self):
+        if not hasattr(self, "_ops"):
+            self._ops = shift_operators(self.components, np.arange(-ALIGN_SAMPLES, ALIGN_SAMPLES + 1e-9, 0.25))
+        return self._ops
+
+
+def shift_operators(components, delays):
+    """(S, rank, rank): row k of op s holds the features of basis vector k delayed by
+    delays[s] samples (Fourier shift on a zero-padded copy)."""
+    rank, length = components.shape
+    padded = np.concatenate([np.zeros((rank, length)), components, np.zeros((rank, length))], axis=1)
+    spec = np.fft.rfft(padded, axis=1)
+    freqs = np.fft.rfftfreq(padded.shape[1])
+    ops = []
+    for d in delays:
+        delayed = np.fft.irfft(spec * np.exp(-2j * np.pi * freqs * d), n=padded.shape[1], axis=1)
+        ops.append(delayed[:, length: 2 * length] @ components.T)
+    return np.stack(ops).astype(np.float32)
+
+
+def _sample(idx, max_n, seed=0):
+    if len(idx) <= max_n:
+        return idx
+    return np.sort(np.random.default_rng(seed).choice(idx, max_n, replace=False))
+
+
+def _centres(labels, x, z_reg):
+    ids = np.unique(labels[labels >= 0])
+    return ids, np.array([[np.median(x[labels == u]), np.median(z_reg[labels == u])] for u in ids])
+
+
+def split_units(labels, x, z_reg, reg_features: RegisteredFeatures, *, amplitude_boundary,
+                min_size=MIN_SPLIT_SIZE, n_pcs=5):
+    """Split each cluster by density in the PCs of its aligned registered features.
+
+    A split stands only between pieces whose peak amplitudes differ by more than
+    a factor 1 + amplitude_boundary (the scale matching and the template merge
+    allow); pieces within it are joined again.
+    Density alone splits one unit by the phase at which its trough was sampled
+    and by drift-dependent waveform changes (60 s x 128 ch, 45 clusters: 67
+    after an unconditional split, the pieces of one unit 1 um apart with
+    scales 0.92-1.08), which no merge test on the same features undoes.
+    Spikes beyond the MAX_SPIKES sample of a cluster join the piece whose
+    mean (in the same features) is nearest. Returns new labels 0..K-1.
+    """
+    out = np.full(len(labels), -1, dtype=np.int64)
+    next_id = 0
+    ids, centres = _centres(labels, x, z_reg)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for u, centre in zip(ids, centres):
+            members = np.flatnonzero(labels == u)
+            chans = reg_features.channels_near(centre)
+            sample = _sample(members, MAX_SPIKES)
+            feats = reg_features.aligned(sample, chans)
+            sub = _split_once(feats, min_size, n_pcs, None, 0.75) if len(sample) >= 2 * min_size else None
+            if sub is not None:
+                sub = _rejoin_same_amplitude(feats, sub, amplitude_boundary, reg_features.components)
+            if sub is None or sub.max() == 0:
+                out[members] = next_id
+                next_id += 1
+                continue
+            rest = np.setdiff1d(members, sample)
+            if len(rest):
+                means = np.stack([feats[sub == k].mean(0) for k in range(sub.max() + 1)])
+                rest_feats = reg_features.aligned(rest, chans)
+                out[rest] = next_id + cdist(rest_feats, means).argmin(1)
+            out[sample] = next_id + sub
+            next_id += sub.max() + 1
+    return out
+
+
+def peak_amplitudes(mean_features, components):
+    """Largest peak-to-peak over channels of mean registered features (rank * R,)."""
+    rank = components.shape[0]
+    wave = components.T @ mean_features.reshape(rank, -1)  # (L, R)
+    return float((wave.max(0) - wave.min(0)).max())
+
+
+def _rejoin_same_amplitude(feats, sub, boundary, components):
+    """Pieces of one split whose peak amplitudes are within a factor 1 + boundary of
+    each other are joined again; returns piece labels 0..K-1 (K = 1: no split).
+
+    Distances between the pieces' mean waveforms do not separate the cases: pieces
+    of one unit (misaligned on its after-peak, or sampled at another phase) reached
+    0.5-1.6 where a co-located pair 2x apart in amplitude sat at 0.53 (60 s x 128 ch
+    NP2). Their peak amplitudes do: 1 +/- 0.1 within a unit, 2x for that pair.
+    """
+    k = sub.max() + 1
+    peaks = [peak_amplitudes(feats[sub == i].mean(0), components) for i in range(k)]
+    group = list(range(k))
+    for i in range(k):
+        for j in range(i + 1, k):
+            if max(peaks[i], peaks[j]) <= (1 + boundary) * min(peaks[i], peaks[j]):
+                old, new = group[j], group[i]
+                group = [new if g == old else g for g in group]
+    _, relabel = np.unique(group, return_inverse=True)
+    return relabel[sub]
+
+
+# -- template merge
+
+
+def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_channel_gap=8) -> Templates:
+    """Merge units whose registered templates match within MERGE_DISTANCE.
+
+    The distance (template_distance) fits the amplitude scale only within
+    1 +/- amplitude_boundary, the scale matching itself allows: two units on
+    the same channels whose amplitudes differ more than that are two neurons.
+    Merged templates are count-weighted means.
+    """
+    k = temps.n_units
+    data = torch.as_tensor(temps.data, dtype=torch.float32)
+    main = temps.main_channels()
+    parent = {i: i for i in range(k)}
+    for i in range(k):
+        for j in range(i + 1, k):
+            if abs(main[i] - main[j]) > max_channel_gap:
+                continue
+            if template_distance(data[i], data[j], amplitude_boundary, max_shift) < MERGE_DISTANCE:
+                parent[_root_of(parent, j)] = _root_of(parent, i)
+    roots = np.array([_root_of(parent, i) for i in range(k)])
+    keep = np.unique(roots)
+    if len(keep) == k:
+        return temps
+    logger.info("dartsort: merged %d units into %d", k, len(keep))
+    merged = np.stack([np.average(temps.data[roots == r], axis=0, weights=temps.counts[roots == r] + 1e-9)
+                       for r in keep])
+    counts = np.array([temps.counts[roots == r].sum() for r in keep])
+    return Templates(merged.astype(np.float32), temps.unit_ids[keep], counts, temps.n_before)
+
+
+def template_distance(a, b, amplitude_boundary, max_shift=3):
+    """Relative residual |a - s b| / |a| at the best time shift, larger of the two
+    directions, on the channels where either template has signal; the scale s is
+    the least-squares one clipped to 1 +/- amplitude_boundary."""
+    signal = (_ptp(a) >= SIGNAL_PTP) | (_ptp(b) >= SIGNAL_PTP)
+    if not signal.any():
+        return 1.0
+    a, b = a[:, signal], b[:, signal]
+    return max(_one_way_distance(a, b, amplitude_boundary, max_shift),
+               _one_way_distance(b, a, amplitude_boundary, max_shift))
+
+
+def _ptp(t):
+    return t.amax(0) - t.amin(0)
+
+
+def _one_way_distance(a, b, boundary, max_shift):
+    best = np.inf
+    for s in range(-max_shift, max_shift + 1):
+        bs = torch.roll(b, s, dims=0)
+        scale = ((a * bs).sum() / (bs * bs).sum().clamp(min=1e-9)).clamp(1 - boundary, 1 + boundary)
+        best = min(best, float((a - scale * bs).norm() / max(float(a.norm()), 1e-9)))
+    return best
+
+
+def _root_of(parent, u):
+    while parent[u] != u:
+        u = parent[u]
+    return u
+
+
+# -- units the clustering missed
+
+
+def cluster_leftovers(leftovers, z_reg, matched, geom, *, amplitude_scale, echo_samples, echo_cluster_samples,
+                      echo_radius_um, echo_cluster_fraction):
+    """Density clusters of the events matching left unexplained (leftover_dtype array).
+
+    Echoes are left out as in the initial clustering, judged against the matched
+    spikes too and with any bigger event counting (ratio 1): the remainder of an
+    imperfectly subtracted spike is a leftover event next to a bigger matched one,
+    and such remainders clustered into units that took the big units' spikes
+    (60 s x 128 ch NP2: two SNR-30 units lost) and slowed matching 50-fold.
+    """
+    n = len(leftovers)
+    labels = np.full(n, -1, dtype=np.int64)
+    if n < 2:
+        return labels
+    times = np.concatenate([leftovers["sample_index"], matched["sample_index"]])
+    chans = np.concatenate([leftovers["channel_index"], matched["channel_index"]])
+    amps = np.concatenate([leftovers["amplitude"], matched["amplitude"]])
+    echo = echo_mask(times, chans, amps, geom, window_samples=echo_samples, radius_um=echo_radius_um,
+                     ratio=1.0)[:n]
+    late = echo_mask(times, chans, amps, geom, window_samples=echo_cluster_samples, radius_um=echo_radius_um,
+                     ratio=1.0)[:n]
+    keep = ~echo
+    labels[keep] = cluster_spikes(leftovers["x"][keep], z_reg[keep], leftovers["amplitude"][keep],
+                                  amplitude_scale=amplitude_scale)
+    return drop_echo_clusters(labels, late, echo_cluster_fraction)
+
+
+def drop_known(new: Templates, known: Templates, *, amplitude_boundary) -> Templates:
+    """New templates that an existing unit already explains (within MERGE_DISTANCE) are dropped."""
+    keep = np.ones(new.n_units, bool)
+    known_data = torch.as_tensor(known.data)
+    for i, t in enumerate(torch.as_tensor(new.data)):
+        keep[i] = all(template_distance(t, k, amplitude_boundary) >= MERGE_DISTANCE for k in known_data)
+    return new.subset(keep)

@@ -1,0 +1,205 @@
+"""Refinement in registered space: the split keeps co-located units of different amplitude
+apart and a drifting unit whole; the template merge joins a unit split by chance and never
+units whose amplitudes differ beyond matching's scale bound; units the clustering missed are
+found among the events matching leaves unexplained."""
+
+import numpy as np
+import pytest
+import torch
+
+from dartsort_si.channels import make_channel_index
+from dartsort_si.matching import leftover_dtype
+from dartsort_si.refinement import (
+    RegisteredFeatures,
+    cluster_leftovers,
+    drop_known,
+    merge_templates,
+    shift_operators,
+    split_units,
+)
+from dartsort_si.templates import Templates
+
+BOUND = 1.0 / 3.0
+L = 40
+
+
+def np1_geom(n_rows=24):
+    return np.array([[x + (16.0 if r % 2 else 0.0), 20.0 * r] for r in range(n_rows) for x in (11.0, 43.0)])
+
+
+def basis(rank=5):
+    """Orthonormal temporal basis spanning smooth spike-like shapes."""
+    t = np.arange(L)
+    raw = np.stack([np.exp(-0.5 * ((t - c) / w) ** 2) for c, w in
+                    [(15, 2), (16, 3), (22, 5), (12, 4), (28, 6), (18, 1.5)]])
+    q, _ = np.linalg.qr(raw.T)
+    return q[:, :rank].T.astype(np.float32)
+
+
+def spike_shape(width):
+    t = np.arange(L)
+    return -np.exp(-0.5 * ((t - 15) / width) ** 2) + 0.3 * np.exp(-0.5 * ((t - 24) / (2 * width)) ** 2)
+
+
+def unit_spikes(rng, geom, pos, height, amplitude, width, drift, noise=1.0):
+    """Features (n, rank, K), detection channels, drifts: one unit at registered `pos`,
+    `height` um off the probe, displaced by `drift` (n,) um at each spike."""
+    comps = basis()
+    index = make_channel_index(geom, 100.0)
+    shape = spike_shape(width)
+    feats, chans = [], []
+    for d in drift:
+        # displacement d: the unit sits d um higher in probe coordinates than registered
+        dist2 = ((geom - (pos + [0.0, d])) ** 2).sum(1)
+        amp = amplitude * height / np.sqrt(dist2 + height ** 2)
+        wave = shape[:, None] * amp[None, :] + noise * rng.standard_normal((L, len(geom)))
+        c = int(amp.argmax())
+        nb = index[c]
+        full = np.concatenate([wave, np.zeros((L, 1))], axis=1)[:, nb]
+        feats.append(comps @ full)
+        chans.append(c)
+    return np.stack(feats).astype(np.float32), np.array(chans), index, comps
+
+
+def registered(geom, parts, drifts, comps, index):
+    feats = np.concatenate([p[0] for p in parts])
+    chans = np.concatenate([p[1] for p in parts])
+    return RegisteredFeatures(feats, chans, index, geom, rgeom=geom, drift_um=np.concatenate(drifts),
+                              components=comps)
+
+
+def test_colocated_pair_with_2x_amplitude_under_drift_splits():
+    rng = np.random.default_rng(0)
+    geom = np1_geom()
+    pos = np.array([27.0, 230.0])
+    drifts = [rng.uniform(-15, 15, 300), rng.uniform(-15, 15, 300)]  # 30 um of drift
+    a = unit_spikes(rng, geom, pos, 25.0, 20.0, 2.0, drifts[0])
+    b = unit_spikes(rng, geom, pos + [0.0, 5.0], 45.0, 10.0, 2.0, drifts[1])
+    rf = registered(geom, [a, b], drifts, a[3], a[2])
+    truth = np.repeat([0, 1], 300)
+    labels = np.zeros(600, dtype=np.int64)  # the density step merged them
+    x = np.full(600, pos[0])
+    z = np.full(600, pos[1])
+    out = split_units(labels, x, z, rf, amplitude_boundary=BOUND)
+    assert out.max() == 1
+    purity = max(np.mean(out == truth), np.mean(out != truth))
+    assert purity > 0.95
+
+
+def test_unit_drifting_40um_stays_one():
+    rng = np.random.default_rng(1)
+    geom = np1_geom()
+    pos = np.array([27.0, 230.0])
+    drift = rng.uniform(-20, 20, 500)
+    a = unit_spikes(rng, geom, pos, 25.0, 15.0, 2.0, drift)
+    rf = registered(geom, [a], [drift], a[3], a[2])
+    out = split_units(np.zeros(500, dtype=np.int64), np.full(500, pos[0]), np.full(500, pos[1]), rf,
+                      amplitude_boundary=BOUND)
+    assert out.max() == 0 and (out == 0).all()
+
+
+def test_registered_features_undo_drift():
+    """The same spike seen at two drifts gives (nearly) the same registered features,
+    where the features on the real channels differ."""
+    rng = np.random.default_rng(2)
+    geom = np1_geom()
+    pos = np.array([27.0, 230.0])
+    drift = np.array([0.0, 20.0])
+    a = unit_spikes(rng, geom, pos, 25.0, 15.0, 2.0, drift, noise=0.0)
+    rf = registered(geom, [a], [drift], a[3], a[2])
+    chans = rf.channels_near(pos)
+    f = rf.on(np.arange(2), chans).reshape(2, -1)
+    rel = np.linalg.norm(f[0] - f[1]) / np.linalg.norm(f[0])
+    assert rel < 0.15
+    assert a[1][0] != a[1][1]  # detected on different real channels
+
+
+def test_shift_operators_delay_the_features():
+    comps = basis()
+    shape = spike_shape(3.0)
+    ops = shift_operators(comps, np.array([0.0, 1.0]))
+    feats = comps @ shape
+    np.testing.assert_allclose(feats @ ops[0], feats, atol=1e-4)
+    delayed = comps @ np.roll(shape, 1)
+    assert np.linalg.norm(feats @ ops[1] - delayed) < 0.1 * np.linalg.norm(delayed)
+
+
+def _templates(shapes, counts=None):
+    data = np.stack(shapes).astype(np.float32)
+    counts = np.full(len(shapes), 100) if counts is None else np.asarray(counts)
+    return Templates(data, np.arange(len(shapes)), counts, 15)
+
+
+def _template(amp, rng=None, noise=0.0, centre=10, n_chans=20):
+    foot = np.exp(-0.5 * ((np.arange(n_chans) - centre) / 1.5) ** 2)
+    t = spike_shape(2.0)[:, None] * foot[None, :] * amp
+    if rng is not None:
+        t = t + noise * rng.standard_normal(t.shape)
+    return t
+
+
+def test_unit_split_by_chance_merges_back():
+    rng = np.random.default_rng(3)
+    # two halves of one unit: noisy means of 60 spikes each (noise 1 per sample)
+    halves = [_template(12.0, rng, 1.0 / np.sqrt(60)) for _ in range(2)]
+    other = _template(12.0, rng, 0.1, centre=16)
+    merged = merge_templates(_templates(halves + [other]), amplitude_boundary=BOUND)
+    assert merged.n_units == 2
+    assert merged.counts.tolist() == [200, 100]
+
+
+def test_units_2x_apart_in_amplitude_never_merge():
+    pair = _templates([_template(20.0), _template(10.0)])
+    assert merge_templates(pair, amplitude_boundary=BOUND).n_units == 2
+    # within the bound the same shapes do merge
+    close = _templates([_template(20.0), _template(17.0)])
+    assert merge_templates(close, amplitude_boundary=BOUND).n_units == 1
+
+
+def test_leftover_events_form_a_new_unit():
+    rng = np.random.default_rng(4)
+    geom = np1_geom()
+    n = 200
+    left = np.zeros(n + 40, dtype=leftover_dtype)
+    left["sample_index"] = np.sort(rng.choice(np.arange(0, 600_000, 50), n + 40, replace=False))
+    left["channel_index"] = 20
+    left["amplitude"][:n] = rng.normal(9.0, 0.5, n)
+    left["x"][:n] = rng.normal(27.0, 2.0, n)
+    left["z"][:n] = rng.normal(200.0, 2.0, n)
+    # scattered noise events: no cluster
+    left["amplitude"][n:] = rng.uniform(6, 30, 40)
+    left["x"][n:] = rng.uniform(-50, 100, 40)
+    left["z"][n:] = rng.uniform(0, 480, 40)
+    matched = np.zeros(0, dtype=left.dtype)
+    labels = cluster_leftovers(left, left["z"].astype(float), matched, geom, amplitude_scale=50.0,
+                               echo_samples=15, echo_cluster_samples=45, echo_radius_um=150.0,
+                               echo_cluster_fraction=0.5)
+    assert labels.max() == 0
+    assert np.mean(labels[:n] == 0) > 0.9 and np.mean(labels[n:] == -1) > 0.9
+
+
+def test_leftover_echoes_of_matched_spikes_are_no_unit():
+    """Events right after a much bigger matched spike (the remainder of its subtraction)
+    do not become a unit, however well they cluster."""
+    rng = np.random.default_rng(5)
+    geom = np1_geom()
+    n = 200
+    matched = np.zeros(n, dtype=leftover_dtype)
+    matched["sample_index"] = np.arange(n) * 3000 + 1000
+    matched["channel_index"] = 20
+    matched["amplitude"] = 40.0
+    left = matched.copy()
+    left["sample_index"] += 20
+    left["amplitude"] = rng.normal(7.0, 0.3, n)
+    left["x"], left["z"] = rng.normal(27.0, 2.0, n), rng.normal(200.0, 2.0, n)
+    labels = cluster_leftovers(left, left["z"].astype(float), matched, geom, amplitude_scale=50.0,
+                               echo_samples=15, echo_cluster_samples=45, echo_radius_um=150.0,
+                               echo_cluster_fraction=0.5)
+    assert (labels == -1).all()
+
+
+def test_drop_known_keeps_only_new_shapes():
+    known = _templates([_template(12.0)])
+    new = _templates([_template(12.5), _template(12.0, centre=15)])
+    kept = drop_known(new, known, amplitude_boundary=BOUND)
+    assert kept.n_units == 1 and kept.unit_ids.tolist() == [1]
