@@ -62,7 +62,10 @@ class TemplateMatcher(PeakDetector):
         amplitude and point-source (x, z) on the residual."""
         super().__init__(recording, return_output=True)
         self.leftover_threshold = leftover_threshold
-        self.peak_sign = cfg.peak_sign
+        # leftovers are found on their troughs (positive peaks for peak_sign='pos'): with both
+        # signs, one missed spike gave two events (trough and after-peak), and a unit built on
+        # after-peak times reports every spike half a millisecond late
+        self.leftover_sign = "pos" if cfg.peak_sign == "pos" else "neg"
         self.dedup_samples = dedup_samples
         self.fs = recording.sampling_frequency
         self.templates = templates
@@ -138,7 +141,7 @@ class TemplateMatcher(PeakDetector):
         Sample indices are absolute (the pipeline only shifts the first output)."""
         g = self.geometry
         margin = self.get_margin()
-        t, c, _ = wf.find_peaks(residual, self.leftover_threshold, self.peak_sign, g.dedup_index,
+        t, c, _ = wf.find_peaks(residual, self.leftover_threshold, self.leftover_sign, g.dedup_index,
                                 self.dedup_samples, valid=(margin, len(residual) - margin))
         offsets = torch.arange(-self.n_before, self.length - self.n_before, device=residual.device)
         amps = wf.ptp(wf.cut(residual, t, c, g.localization_index, offsets))

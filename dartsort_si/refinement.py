@@ -12,9 +12,10 @@ waveforms themselves, in *registered* space so that drift moves nothing:
   channels, at the probe position those channels had when the spike fired.
 - `split_units`: each cluster is re-clustered by density in the whitened PCs
   of its registered features (clustering.split_clusters' machinery).
-  A split stands only between pieces whose amplitudes differ by more than
-  the merge rule allows, so that it separates co-located neurons and not the
-  pieces one neuron's waveform falls into.
+  A split stands only between pieces that are two neurons: amplitudes apart
+  by more than the merge rule allows, or spikes that break each other's
+  refractory period. So it separates co-located neurons and not the pieces
+  one neuron's waveform falls into.
 - `merge_templates`: units whose registered templates match (relative
   residual on their signal channels, best shift) merge, but never when their
   amplitudes differ by more than matching's own scale bound (1 +/-
@@ -50,6 +51,17 @@ FEATURE_RADIUS_UM = 50.0
 MAX_SPIKES = 1500
 # spikes are re-aligned by up to this many samples (in quarter samples) before their features are compared
 ALIGN_SAMPLES = 2
+# two pieces of a split are two neurons when at least this many of their spike pairs (and half the
+# chance count) fall 0.5-2 ms apart, inside a refractory period (see _two_neurons)
+MIN_REFRACTORY_PAIRS = 2
+REFRACTORY_MS = (0.5, 2.0)
+# a leftover event within the echo window of a matched spike this many times bigger is its remainder;
+# at 1.0 the two events one missed spike leaves (trough and after-peak) flagged each other (82% of a
+# missed unit's events on a 12 s x 48 ch case), at 1.5 0.6% of them
+LEFTOVER_ECHO_RATIO = 1.5
+# a unit found among matching's leftovers is dropped when a known unit of about its amplitude has
+# its main channel this close (see drop_known)
+KNOWN_RADIUS_UM = 30.0
 # the smallest cluster split_units may produce
 MIN_SPLIT_SIZE = 25
 
@@ -147,13 +159,15 @@ def _centres(labels, x, z_reg):
     return ids, np.array([[np.median(x[labels == u]), np.median(z_reg[labels == u])] for u in ids])
 
 
-def split_units(labels, x, z_reg, reg_features: RegisteredFeatures, *, amplitude_boundary,
-                min_size=MIN_SPLIT_SIZE, n_pcs=5):
+def split_units(labels, x, z_reg, reg_features: RegisteredFeatures, *, times, amplitude_boundary,
+                refractory, min_size=MIN_SPLIT_SIZE, n_pcs=5):
     """Split each cluster by density in the PCs of its aligned registered features.
 
-    A split stands only between pieces whose peak amplitudes differ by more than
-    a factor 1 + amplitude_boundary (the scale matching and the template merge
-    allow); pieces within it are joined again.
+    A split stands only between pieces that are two neurons (_two_neurons: peak
+    amplitudes beyond 1 +/- amplitude_boundary apart, or spikes that break each
+    other's refractory period); other pieces are joined again. refractory:
+    (lo, hi, duration) in samples: the refractory window 0.5-2 ms and the
+    duration the spike times cover.
     Density alone splits one unit by the phase at which its trough was sampled
     and by drift-dependent waveform changes (60 s x 128 ch, 45 clusters: 67
     after an unconditional split, the pieces of one unit 1 um apart with
@@ -172,7 +186,8 @@ def split_units(labels, x, z_reg, reg_features: RegisteredFeatures, *, amplitude
             feats = reg_features.aligned(sample, chans)
             sub = _split_once(feats, min_size, n_pcs, None, 0.75) if len(sample) >= 2 * min_size else None
             if sub is not None:
-                sub = _rejoin_same_amplitude(feats, sub, amplitude_boundary, reg_features.components)
+                sub = _rejoin_one_neuron(feats, times[sample], sub, amplitude_boundary, reg_features.components,
+                                         refractory)
             if sub is None or sub.max() == 0:
                 out[members] = next_id
                 next_id += 1
@@ -194,21 +209,46 @@ def peak_amplitudes(mean_features, components):
     return float((wave.max(0) - wave.min(0)).max())
 
 
-def _rejoin_same_amplitude(feats, sub, boundary, components):
-    """Pieces of one split whose peak amplitudes are within a factor 1 + boundary of
-    each other are joined again; returns piece labels 0..K-1 (K = 1: no split).
+def refractory_pairs(times_a, times_b, lo, hi):
+    """Pairs (a, b) with lo <= |t_b - t_a| <= hi samples."""
+    tb = np.sort(times_b)
+    count = 0
+    for w0, w1 in ((lo, hi), (-hi, -lo)):
+        count += int((np.searchsorted(tb, times_a + w1, side="right")
+                      - np.searchsorted(tb, times_a + w0, side="left")).sum())
+    return count
 
-    Distances between the pieces' mean waveforms do not separate the cases: pieces
-    of one unit (misaligned on its after-peak, or sampled at another phase) reached
-    0.5-1.6 where a co-located pair 2x apart in amplitude sat at 0.53 (60 s x 128 ch
-    NP2). Their peak amplitudes do: 1 +/- 0.1 within a unit, 2x for that pair.
+
+def _two_neurons(times_a, times_b, peak_a, peak_b, boundary, refractory):
+    """Whether two pieces of a split are two neurons.
+
+    Either their peak amplitudes differ by more than a factor 1 + boundary (the
+    scale matching and the template merge allow), or their spikes break each
+    other's refractory period: pieces of one neuron have no pair 0.5-2 ms apart,
+    two neurons have about the chance count. Measured on pieces of density clusters
+    (60 s x 128 ch, NP1 and NP2): the five co-located pairs of different units had
+    2-6 such pairs at 0.65-1.3x the chance count; 37 of 40 pairs of pieces of one
+    unit had none. Waveform distances did not separate them (0.43-0.67 between
+    units, up to 0.86 between pieces of one unit misaligned or sampled at
+    another phase).
     """
+    if max(peak_a, peak_b) > (1 + boundary) * min(peak_a, peak_b):
+        return True
+    lo, hi, duration = refractory
+    observed = refractory_pairs(times_a, times_b, lo, hi)
+    expected = len(times_a) * len(times_b) * 2 * (hi - lo) / max(duration, 1)
+    return observed >= MIN_REFRACTORY_PAIRS and observed >= 0.5 * expected
+
+
+def _rejoin_one_neuron(feats, times, sub, boundary, components, refractory):
+    """Pieces of one split that are not two neurons (_two_neurons) are joined again;
+    returns piece labels 0..K-1 (K = 1: no split)."""
     k = sub.max() + 1
     peaks = [peak_amplitudes(feats[sub == i].mean(0), components) for i in range(k)]
     group = list(range(k))
     for i in range(k):
         for j in range(i + 1, k):
-            if max(peaks[i], peaks[j]) <= (1 + boundary) * min(peaks[i], peaks[j]):
+            if not _two_neurons(times[sub == i], times[sub == j], peaks[i], peaks[j], boundary, refractory):
                 old, new = group[j], group[i]
                 group = [new if g == old else g for g in group]
     _, relabel = np.unique(group, return_inverse=True)
@@ -286,10 +326,9 @@ def cluster_leftovers(leftovers, z_reg, matched, geom, *, amplitude_scale, echo_
     """Density clusters of the events matching left unexplained (leftover_dtype array).
 
     Echoes are left out as in the initial clustering, judged against the matched
-    spikes too and with any bigger event counting (ratio 1): the remainder of an
-    imperfectly subtracted spike is a leftover event next to a bigger matched one,
-    and such remainders clustered into units that took the big units' spikes
-    (60 s x 128 ch NP2: two SNR-30 units lost) and slowed matching 50-fold.
+    spikes too and with a 1.5x bigger event counting (LEFTOVER_ECHO_RATIO): the
+    remainder of an imperfectly subtracted spike is a leftover event next to a
+    bigger matched one.
     """
     n = len(leftovers)
     labels = np.full(n, -1, dtype=np.int64)
@@ -299,19 +338,36 @@ def cluster_leftovers(leftovers, z_reg, matched, geom, *, amplitude_scale, echo_
     chans = np.concatenate([leftovers["channel_index"], matched["channel_index"]])
     amps = np.concatenate([leftovers["amplitude"], matched["amplitude"]])
     echo = echo_mask(times, chans, amps, geom, window_samples=echo_samples, radius_um=echo_radius_um,
-                     ratio=1.0)[:n]
+                     ratio=LEFTOVER_ECHO_RATIO)[:n]
+    # one missed spike leaves two events (its trough and its after-peak): keep the bigger
+    echo |= echo_mask(leftovers["sample_index"], leftovers["channel_index"], leftovers["amplitude"], geom,
+                      window_samples=echo_samples, radius_um=echo_radius_um, ratio=1.0)
     late = echo_mask(times, chans, amps, geom, window_samples=echo_cluster_samples, radius_um=echo_radius_um,
-                     ratio=1.0)[:n]
+                     ratio=LEFTOVER_ECHO_RATIO)[:n]
     keep = ~echo
     labels[keep] = cluster_spikes(leftovers["x"][keep], z_reg[keep], leftovers["amplitude"][keep],
                                   amplitude_scale=amplitude_scale)
     return drop_echo_clusters(labels, late, echo_cluster_fraction)
 
 
-def drop_known(new: Templates, known: Templates, *, amplitude_boundary) -> Templates:
-    """New templates that an existing unit already explains (within MERGE_DISTANCE) are dropped."""
+def drop_known(new: Templates, known: Templates, rgeom, *, amplitude_boundary, radius_um=KNOWN_RADIUS_UM) -> Templates:
+    """New templates that an existing unit already explains are dropped: those within
+    MERGE_DISTANCE of one, and those whose main channel lies within radius_um of an
+    existing unit's with a peak amplitude within 1 +/- amplitude_boundary of its.
+
+    The second kind is what matching failed to explain of a known unit (its spikes at
+    a drift its template fits badly); added as a unit of its own it fought the known
+    one in matching (60 s x 128 ch NP2: 11,290 spikes became 180,179 and matching
+    took 30 times longer). A co-located neuron of another amplitude is still added.
+    """
     keep = np.ones(new.n_units, bool)
     known_data = torch.as_tensor(known.data)
-    for i, t in enumerate(torch.as_tensor(new.data)):
+    known_pos, known_ptp = rgeom[known.main_channels()], known.ptp()
+    for i, (t, pos, ptp) in enumerate(zip(torch.as_tensor(new.data), rgeom[new.main_channels()], new.ptp())):
+        near = np.linalg.norm(known_pos - pos, axis=1) <= radius_um
+        ratio = np.maximum(known_ptp[near], ptp) / np.maximum(np.minimum(known_ptp[near], ptp), 1e-9)
+        if (ratio <= 1 + amplitude_boundary).any():
+            keep[i] = False
+            continue
         keep[i] = all(template_distance(t, k, amplitude_boundary) >= MERGE_DISTANCE for k in known_data)
     return new.subset(keep)

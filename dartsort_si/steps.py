@@ -224,6 +224,12 @@ def _covers_all(ctx):
     return text[0] == text[2]
 
 
+def _covered_samples(ctx):
+    """Samples of the recording that subtraction walked (it may subsample chunks)."""
+    text = (ctx.out / "subtraction_coverage.txt").read_text().split()
+    return ctx.rec.get_num_samples(0) * int(text[0]) / int(text[2])
+
+
 def motion_spikes(ctx, detected):
     """(times, depths, amplitudes) for motion: subtraction's spikes if it covered everything,
     else a quick threshold pass. Depths come from the exponential-decay fit, which tracks a
@@ -308,8 +314,10 @@ def _cluster(ctx, detected, motion_info, feature_basis):
         detected.collisioncleaned_tpca_features, detected.channels,
         ctx.geometry.featurization_index.cpu().numpy(), ctx.geometry.geom, motion_info.rgeom,
         drift_um=locs[:, 2] - z_reg, components=feature_basis)
-    labels = refinement.split_units(labels, locs[:, 0], z_reg, feats,
-                                    amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
+    lo, hi = (int(round(ms * ctx.fs / 1000)) for ms in refinement.REFRACTORY_MS)
+    labels = refinement.split_units(labels, locs[:, 0], z_reg, feats, times=detected.times_samples,
+                                    amplitude_boundary=ctx.cfg.amplitude_scaling_boundary,
+                                    refractory=(lo, hi, _covered_samples(ctx)))
     n_split = labels.max() + 1
     late_echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
                                      window_samples=int(ECHO_CLUSTER_MS * ctx.fs / 1000), radius_um=ECHO_RADIUS_UM)
@@ -422,7 +430,7 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info) -> Templates:
                              depths_um=leftovers["z"], n_before=w.n_before, n_after=w.n_after,
                              job_kwargs=ctx.job_kwargs)
     new = new.subset((new.counts >= MIN_UNIT_SPIKES) & (new.ptp() > 0))
-    new = refinement.drop_known(new, temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
+    new = refinement.drop_known(new, temps, motion_info.rgeom, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
     start = int(temps.unit_ids.max(initial=-1)) + 1
     new = Templates(new.data, np.arange(start, start + new.n_units), new.counts, new.n_before)
     logger.info("dartsort: %d new units from %d events no template explained", new.n_units, len(leftovers))

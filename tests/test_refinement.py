@@ -61,6 +61,15 @@ def unit_spikes(rng, geom, pos, height, amplitude, width, drift, noise=1.0):
     return np.stack(feats).astype(np.float32), np.array(chans), index, comps
 
 
+def spike_times(rng, n, duration, refractory=150):
+    """n sorted spike times (samples) in [0, duration) at least `refractory` apart."""
+    gaps = rng.exponential(duration / n, n) + refractory
+    return (np.cumsum(gaps) * duration / gaps.sum() * 0.99).astype(np.int64)
+
+
+REFRACTORY = (15, 60, 1_200_000)  # 0.5-2 ms at 30 kHz, 40 s
+
+
 def registered(geom, parts, drifts, comps, index):
     feats = np.concatenate([p[0] for p in parts])
     chans = np.concatenate([p[1] for p in parts])
@@ -80,11 +89,34 @@ def test_colocated_pair_with_2x_amplitude_under_drift_splits():
     labels = np.zeros(600, dtype=np.int64)  # the density step merged them
     x = np.full(600, pos[0])
     z = np.full(600, pos[1])
-    out = split_units(labels, x, z, rf, amplitude_boundary=BOUND)
+    times = np.concatenate([spike_times(rng, 300, REFRACTORY[2]), spike_times(rng, 300, REFRACTORY[2])])
+    out = split_units(labels, x, z, rf, times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 1
     purity = max(np.mean(out == truth), np.mean(out != truth))
     assert purity > 0.95
 
+
+def test_colocated_pair_of_equal_amplitude_splits_on_refractory_evidence():
+    """Same peak amplitude, different waveforms: only the spike trains tell two neurons
+    (their spikes fall inside each other's refractory period) from one."""
+    rng = np.random.default_rng(6)
+    geom = np1_geom()
+    pos = np.array([27.0, 230.0])
+    drifts = [rng.uniform(-10, 10, 300), rng.uniform(-10, 10, 300)]
+    a = unit_spikes(rng, geom, pos, 25.0, 12.0, 1.5, drifts[0])
+    b = unit_spikes(rng, geom, pos + [0.0, 4.0], 25.0, 12.0, 4.0, drifts[1])
+    rf = registered(geom, [a, b], drifts, a[3], a[2])
+    truth = np.repeat([0, 1], 300)
+    args = (np.zeros(600, dtype=np.int64), np.full(600, pos[0]), np.full(600, pos[1]), rf)
+    independent = np.concatenate([spike_times(rng, 300, REFRACTORY[2]), spike_times(rng, 300, REFRACTORY[2])])
+    out = split_units(*args, times=independent, amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert out.max() == 1
+    assert max(np.mean(out == truth), np.mean(out != truth)) > 0.95
+    # the same waveforms from one neuron's spike train (one refractory period for all): one unit
+    one = spike_times(rng, 600, REFRACTORY[2])
+    order = rng.permutation(600)
+    out = split_units(*args, times=one[order], amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert out.max() == 0
 
 def test_unit_drifting_40um_stays_one():
     rng = np.random.default_rng(1)
@@ -94,7 +126,7 @@ def test_unit_drifting_40um_stays_one():
     a = unit_spikes(rng, geom, pos, 25.0, 15.0, 2.0, drift)
     rf = registered(geom, [a], [drift], a[3], a[2])
     out = split_units(np.zeros(500, dtype=np.int64), np.full(500, pos[0]), np.full(500, pos[1]), rf,
-                      amplitude_boundary=BOUND)
+                      times=spike_times(rng, 500, REFRACTORY[2]), amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 0 and (out == 0).all()
 
 
@@ -198,8 +230,46 @@ def test_leftover_echoes_of_matched_spikes_are_no_unit():
     assert (labels == -1).all()
 
 
-def test_drop_known_keeps_only_new_shapes():
+def test_drop_known_keeps_only_new_units():
+    rgeom = np.column_stack([np.zeros(20), 20.0 * np.arange(20)])
     known = _templates([_template(12.0)])
-    new = _templates([_template(12.5), _template(12.0, centre=15)])
-    kept = drop_known(new, known, amplitude_boundary=BOUND)
-    assert kept.n_units == 1 and kept.unit_ids.tolist() == [1]
+    # the same unit; a unit 20 um away of about its amplitude; a co-located one 2x bigger;
+    # a distinct one 100 um away
+    new = _templates([_template(12.5), _template(11.0, centre=11), _template(24.0, centre=11) * 1.0,
+                      _template(12.0, centre=15)])
+    kept = drop_known(new, known, rgeom, amplitude_boundary=BOUND)
+    assert kept.unit_ids.tolist() == [2, 3]
+
+
+def test_unit_left_out_of_initial_clustering_is_found_after_matching(sorted_with_run_sorter, gt_data, tmp_path):
+    """Remove the cluster of a clear unit from the initial clustering and resume: matching
+    leaves that unit's spikes unexplained, and they come back as a unit of their own."""
+    import shutil
+
+    import spikeinterface.full as si
+
+    from dartsort_si import DARTsortSorting, dartsort
+
+    from conftest import FAST_PARAMS
+
+    _, folder = sorted_with_run_sorter
+    rec, gt, _ = gt_data
+    out = shutil.copytree(folder / "sorter_output" / "dartsort", tmp_path / "copy")
+    initial = DARTsortSorting.from_peeling_hdf5(out / "subtraction.h5")
+    labels = np.load(out / "initial_labels.npz")["labels"]
+    clustered = initial.ephemeral_replace(labels=labels).to_numpy_sorting()
+    cmp = si.compare_sorter_to_ground_truth(gt, clustered, exhaustive_gt=True)
+    # of the units the initial clustering isolated well, the one with most spikes: its cluster goes
+    scores = cmp.agreement_scores
+    isolated = [u for u in gt.unit_ids if scores.loc[u].max() >= 0.95]
+    gt_unit = max(isolated, key=lambda u: len(gt.get_unit_spike_train(u)))
+    cluster = int(scores.loc[gt_unit].idxmax())
+    labels[labels == cluster] = -1
+    np.savez(out / "initial_labels.npz", labels=labels)
+    for name in ["templates1.npz", "matching1.h5", "dartsort_sorting.npz"]:
+        (out / name).unlink()
+    res = dartsort(rec, out, cfg=FAST_PARAMS)
+    perf = si.compare_sorter_to_ground_truth(gt, res["sorting"].to_numpy_sorting(),
+                                             exhaustive_gt=True).get_performance()
+    print(f"GT unit {gt_unit}: accuracy {perf.loc[gt_unit, 'accuracy']:.2f} after its cluster was removed")
+    assert perf.loc[gt_unit, "accuracy"] >= 0.8
