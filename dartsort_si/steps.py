@@ -219,15 +219,21 @@ def _more_chunks(n_found, done, target, left):
     return int(min(left, max(1, np.ceil((target - n_found) / rate))))
 
 
-def _covers_all(ctx):
+def _coverage(ctx):
+    """(chunks subtraction walked, chunks in the recording), from subtraction_coverage.txt."""
     text = (ctx.out / "subtraction_coverage.txt").read_text().split()
-    return text[0] == text[2]
+    return int(text[0]), int(text[2])
+
+
+def _covers_all(ctx):
+    done, total = _coverage(ctx)
+    return done == total
 
 
 def _covered_samples(ctx):
     """Samples of the recording that subtraction walked (it may subsample chunks)."""
-    text = (ctx.out / "subtraction_coverage.txt").read_text().split()
-    return ctx.rec.get_num_samples(0) * int(text[0]) / int(text[2])
+    done, total = _coverage(ctx)
+    return ctx.rec.get_num_samples(0) * done / total
 
 
 def motion_spikes(ctx, detected):
