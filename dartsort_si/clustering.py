@@ -198,6 +198,14 @@ def _merge_peaks(peak_of, density, lo, hi, level, saddle_ratio, min_size, noise_
     return root_of_peak[peak_of]
 
 
+def renumber(labels):
+    """Labels 0..K-1 in the order of the old ids; -1 (unassigned) stays -1."""
+    out = np.asarray(labels).copy()
+    valid = out >= 0
+    out[valid] = np.unique(out[valid], return_inverse=True)[1]
+    return out
+
+
 def _relabel(labels, X, min_size):
     """Drop clusters below min_size (-> -1); number the rest 0..K-1 by centroid.
 

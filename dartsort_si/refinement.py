@@ -64,6 +64,19 @@ LEFTOVER_ECHO_RATIO = 1.5
 KNOWN_RADIUS_UM = 30.0
 # the smallest cluster split_units may produce
 MIN_SPLIT_SIZE = 25
+# drift pieces (see drift_piece_units): clusters whose centres are this close, whose spikes'
+# displacements barely overlap (at most this fraction of either's spikes inside the other's
+# 10-90% displacement range; medians >= 5 um apart) and whose amplitudes where their ranges meet
+# (the edge 20% of each) are within this ratio. Measured on the clusters of 60 s x 128 ch
+# non-rigid cases (NP1 and NP2, seeds 11 and 12): 16 pairs of pieces of one unit sat 2-15 um
+# apart with edge ratios 1.01-1.48 (median ratios up to 2.3); the two pairs of different units
+# that passed the overlap test had edge ratios 1.27 (against 1.04 for the right partner, which
+# mutual-best joining picks) and 1.95
+DRIFT_PIECE_RADIUS_UM = 15.0
+DRIFT_PIECE_OVERLAP = 0.25
+DRIFT_PIECE_EDGE_PERCENT = 20
+DRIFT_PIECE_MAX_RATIO = 1.5
+DRIFT_PIECE_MIN_SHIFT_UM = 5.0
 
 
 class RegisteredFeatures:
@@ -84,6 +97,7 @@ class RegisteredFeatures:
         self.rgeom = np.asarray(rgeom, float)
         self.drift = quantized_drift(drift_um)
         self.reach = interpolation_reach(self.geom)
+        self._kriging = None
 
     def channels_near(self, centre_xz, radius_um=FEATURE_RADIUS_UM):
         """Registered channels within radius_um of a registered (x, z) position."""
@@ -99,7 +113,9 @@ class RegisteredFeatures:
         slots = self.channel_index[self.channels[spikes]]  # (n, K), n_chans = padding
         full[np.arange(len(spikes))[:, None], slots] = self.features[spikes].transpose(0, 2, 1)
         full = full[:, :n_chans]
-        kriging = Kriging(self.geom, self.rgeom[reg_channels], self.reach)
+        if self._kriging is None:
+            self._kriging = Kriging(self.geom, self.rgeom[:1], self.reach)
+        kriging = self._kriging.retarget(self.rgeom[reg_channels])
         out = np.zeros((len(spikes), rank, len(reg_channels)), np.float32)
         drift = self.drift[spikes]
         for k in np.unique(drift):
@@ -234,10 +250,7 @@ def _two_neurons(times_a, times_b, peak_a, peak_b, boundary, refractory):
     """
     if max(peak_a, peak_b) > (1 + boundary) * min(peak_a, peak_b):
         return True
-    lo, hi, duration = refractory
-    observed = refractory_pairs(times_a, times_b, lo, hi)
-    expected = len(times_a) * len(times_b) * 2 * (hi - lo) / max(duration, 1)
-    return observed >= MIN_REFRACTORY_PAIRS and observed >= 0.5 * expected
+    return _refractory_breach(times_a, times_b, refractory)
 
 
 def _rejoin_one_neuron(feats, times, sub, boundary, components, refractory):
@@ -371,3 +384,92 @@ def drop_known(new: Templates, known: Templates, rgeom, *, amplitude_boundary, r
             continue
         keep[i] = all(template_distance(t, k, amplitude_boundary) >= MERGE_DISTANCE for k in known_data)
     return new.subset(keep)
+
+
+# -- one unit, several templates
+
+
+def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refractory):
+    """Unit id per cluster (an array indexed by cluster id): clusters that are the
+    pieces of one neuron at different probe displacements share a unit.
+
+    A neuron close to the probe changes its amplitude and shape as the probe
+    moves past it by more than interpolation onto registered channels can
+    undo (60 s x 128 ch NP1, one SNR-9 unit: three clusters at displacements
+    around -14, -1 and +10 um, amplitudes 28, 12 and 14). Its pieces are
+    told apart from co-located neurons by *when* they fire: each piece holds the
+    spikes of one range of displacements, while two neurons both fire at every
+    displacement; and where their ranges meet, their amplitudes agree.
+    Pieces are joined agglomeratively, a pair at a time, each with the candidate
+    whose amplitude at the meeting point is closest (mutual best): a narrow
+    piece at an extreme displacement is disjoint from every unit around it, and
+    only its own unit meets it at its amplitude. Pieces keep their own
+    templates (which fit their displacement range better than an average
+    would) and share an output unit.
+    """
+    ids = np.unique(labels[labels >= 0])
+    units = np.arange(ids.max() + 1 if len(ids) else 0)
+    if len(ids) < 2:
+        return units
+    groups = {int(u): np.flatnonzero(labels == u) for u in ids}
+    root = {int(u): int(u) for u in ids}
+    while True:
+        best = _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory)
+        pairs = [(a, b) for a, (b, _) in best.items() if a < b and best.get(b, (None,))[0] == a]
+        if not pairs:
+            break
+        for a, b in pairs:
+            groups[a] = np.concatenate([groups[a], groups.pop(b)])
+            root = {u: (a if r == b else r) for u, r in root.items()}
+    for u, r in root.items():
+        units[u] = r
+    n_joined = len(ids) - len(groups)
+    if n_joined:
+        logger.info("dartsort: %d clusters are pieces of other units at other probe displacements", n_joined)
+    return units
+
+
+def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory):
+    """{group: (partner, amplitude mismatch)}: each group's best drift-piece partner."""
+    keys = list(groups)
+    centres = np.array([[np.median(x[groups[k]]), np.median(z_reg[groups[k]])] for k in keys])
+    close = cdist(centres, centres) <= DRIFT_PIECE_RADIUS_UM
+    best = {}
+    for i, j in zip(*np.nonzero(np.triu(close, 1))):
+        a, b = keys[i], keys[j]
+        ma, mb = groups[a], groups[b]
+        mismatch = _drift_piece_mismatch(drift_um[ma], drift_um[mb], amplitudes[ma], amplitudes[mb])
+        if mismatch is None or _refractory_breach(times[ma], times[mb], refractory):
+            continue
+        for u, v in ((a, b), (b, a)):
+            if u not in best or mismatch < best[u][1]:
+                best[u] = (v, mismatch)
+    return best
+
+
+def _drift_piece_mismatch(drift_a, drift_b, amps_a, amps_b):
+    """Amplitude ratio (>= 1) where the displacement ranges of two pieces meet, or
+    None when they are not pieces of one unit (ranges overlap, or amplitudes disagree)."""
+    if abs(np.median(drift_a) - np.median(drift_b)) < DRIFT_PIECE_MIN_SHIFT_UM:
+        return None
+    if max(_inside(drift_a, drift_b), _inside(drift_b, drift_a)) > DRIFT_PIECE_OVERLAP:
+        return None
+    if np.median(drift_a) > np.median(drift_b):
+        drift_a, drift_b, amps_a, amps_b = drift_b, drift_a, amps_b, amps_a
+    near_a = np.median(amps_a[drift_a >= np.percentile(drift_a, 100 - DRIFT_PIECE_EDGE_PERCENT)])
+    near_b = np.median(amps_b[drift_b <= np.percentile(drift_b, DRIFT_PIECE_EDGE_PERCENT)])
+    ratio = max(near_a, near_b) / max(min(near_a, near_b), 1e-9)
+    return ratio if ratio <= DRIFT_PIECE_MAX_RATIO else None
+
+
+def _inside(values, others):
+    """Fraction of values within the 10-90% range of others."""
+    lo, hi = np.percentile(others, [10, 90])
+    return float(np.mean((values >= lo) & (values <= hi)))
+
+
+def _refractory_breach(times_a, times_b, refractory):
+    lo, hi, duration = refractory
+    observed = refractory_pairs(times_a, times_b, lo, hi)
+    expected = len(times_a) * len(times_b) * 2 * (hi - lo) / max(duration, 1)
+    return observed >= MIN_REFRACTORY_PAIRS and observed >= 0.5 * expected

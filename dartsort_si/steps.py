@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from spikeinterface.core.node_pipeline import run_node_pipeline
 
-from . import clustering, refinement, waveforms as wf
+from . import clustering, mixture, refinement, waveforms as wf
 from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
@@ -298,15 +298,27 @@ def initial_clustering(ctx, detected, motion_info, models) -> DARTsortSorting:
     path = ctx.out / "initial_labels.npz"
     if not path.exists():
         with ctx.timer("clustering"):
-            labels = _cluster(ctx, detected, motion_info, models["feature_tpca"]["components"])
-            atomic_savez(path, labels=labels)
-    labels = np.load(path)["labels"]
-    return detected.ephemeral_replace(labels=labels)
+            labels, units = _cluster(ctx, detected, motion_info, models["feature_tpca"]["components"])
+            atomic_savez(path, labels=labels, units=units)
+    saved = np.load(path)
+    labels = saved["labels"]
+    units = saved["units"] if "units" in saved else np.arange(labels.max(initial=-1) + 1)
+    # labels: output units; template_labels: the clusters, each with a template of its own
+    return detected.ephemeral_replace(labels=_unit_labels(labels, units), template_labels=labels)
+
+
+def _unit_labels(template_labels, units):
+    out = np.asarray(template_labels).copy()
+    valid = out >= 0
+    out[valid] = units[out[valid]]
+    return out
 
 
 def _cluster(ctx, detected, motion_info, feature_basis):
-    """Density clustering on (x, registered z, scaled log amplitude), then a split on
-    registered waveform features (refinement.split_units)."""
+    """(cluster labels, unit per cluster): density clustering on (x, registered z, scaled
+    log amplitude), a split on registered waveform features (refinement.split_units), echo
+    clusters dropped, the Gaussian-mixture refinement (mixture.refine), and drift pieces
+    joined into units (refinement.drift_piece_units)."""
     locs = detected.point_source_localizations
     z_reg = motion_info.correct_s(detected.times_samples / ctx.fs, locs[:, 2])
     amps = detected.denoised_ptp_amplitudes
@@ -320,25 +332,30 @@ def _cluster(ctx, detected, motion_info, feature_basis):
         detected.collisioncleaned_tpca_features, detected.channels,
         ctx.geometry.featurization_index.cpu().numpy(), ctx.geometry.geom, motion_info.rgeom,
         drift_um=locs[:, 2] - z_reg, components=feature_basis)
-    lo, hi = (int(round(ms * ctx.fs / 1000)) for ms in refinement.REFRACTORY_MS)
+    refractory = _refractory(ctx)
     labels = refinement.split_units(labels, locs[:, 0], z_reg, feats, times=detected.times_samples,
-                                    amplitude_boundary=ctx.cfg.amplitude_scaling_boundary,
-                                    refractory=(lo, hi, _covered_samples(ctx)))
+                                    amplitude_boundary=ctx.cfg.amplitude_scaling_boundary, refractory=refractory)
     n_split = labels.max() + 1
     late_echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
                                      window_samples=int(ECHO_CLUSTER_MS * ctx.fs / 1000), radius_um=ECHO_RADIUS_UM)
     labels = clustering.drop_echo_clusters(labels, late_echo, ECHO_CLUSTER_FRACTION)
+    n_clean = len(np.unique(labels[labels >= 0]))
+    labels = mixture.refine(labels, locs[:, 0], z_reg, feats, times=detected.times_samples,
+                            amplitude_boundary=ctx.cfg.amplitude_scaling_boundary, refractory=refractory)
     logger.info("dartsort: density clustering: %d clusters (%d echo events of bigger spikes left out); "
-                "%d after the split on registered features, %d echo clusters dropped", n_initial, echo.sum(),
-                n_split, n_split - len(np.unique(labels[labels >= 0])))
-    return _renumber(labels)
+                "%d after the split on registered features, %d echo clusters dropped, %d units after the "
+                "mixture refinement", n_initial, echo.sum(), n_split, n_split - n_clean,
+                len(np.unique(labels[labels >= 0])))
+    labels = clustering.renumber(labels)
+    units = refinement.drift_piece_units(labels, locs[:, 0], z_reg, locs[:, 2] - z_reg, amps,
+                                         times=detected.times_samples, refractory=refractory)
+    return labels, units
 
 
-def _renumber(labels):
-    out = labels.copy()
-    valid = labels >= 0
-    out[valid] = np.unique(labels[valid], return_inverse=True)[1]
-    return out
+def _refractory(ctx):
+    """(lo, hi, duration) in samples: refinement's refractory window and the time the spikes cover."""
+    lo, hi = (int(round(ms * ctx.fs / 1000)) for ms in refinement.REFRACTORY_MS)
+    return lo, hi, _covered_samples(ctx)
 
 
 def unit_templates(ctx, sorting, motion_info, name) -> Templates:
@@ -347,13 +364,25 @@ def unit_templates(ctx, sorting, motion_info, name) -> Templates:
         return Templates.load(path)
     with ctx.timer(name):
         w = ctx.window
-        temps = estimate_templates(ctx.rec, sorting.times_samples, sorting.labels, motion_info,
+        temps = estimate_templates(ctx.rec, sorting.times_samples, _template_labels(sorting), motion_info,
                                    depths_um=sorting.point_source_localizations[:, 2], n_before=w.n_before,
                                    n_after=w.n_after, job_kwargs=ctx.job_kwargs)
         temps = refinement.merge_templates(temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
         temps = temps.subset((temps.counts >= MIN_UNIT_SPIKES) & (temps.ptp() > 0))
         temps.save(path)
     return temps
+
+
+def _template_labels(sorting):
+    """Per spike, the cluster whose template it belongs to (several clusters may make
+    one output unit: refinement.drift_piece_units)."""
+    return getattr(sorting, "template_labels", sorting.labels)
+
+
+def _unit_of_template(sorting):
+    """{template id: output unit id} from a sorting's template_labels and labels."""
+    pairs = np.unique(np.stack([_template_labels(sorting), sorting.labels]), axis=1)
+    return {int(t): int(u) for t, u in pairs.T if t >= 0}
 
 
 # -- stage 9: matching
@@ -364,7 +393,9 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
         temps = unit_templates(ctx, sorting, motion_info, f"templates{i}")
         with ctx.timer(f"matching{i}"):
             spikes, locs, leftovers = _match_pass(ctx, temps, motion_info, leftovers=True)
-            new = leftover_templates(ctx, temps, spikes, leftovers, motion_info)
+            first_id = 1 + max(int(temps.unit_ids.max(initial=-1)), int(sorting.labels.max(initial=-1)),
+                               int(_template_labels(sorting).max(initial=-1)))
+            new = leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id)
             if new.n_units:
                 # units the clustering missed: match again with their templates added
                 more = temps.concat(new)
@@ -375,8 +406,12 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
             features = dict(point_source_localizations=locs, scales=spikes["scale"],
                             denoised_ptp_amplitudes=spikes["amplitude"],
                             upsampling_indices=spikes["upsample_index"].astype(np.int64))
+            template_ids = temps.unit_ids[spikes["unit_index"]]
+            unit_of = _unit_of_template(sorting)
+            features["template_labels"] = template_ids
+            units = np.array([unit_of.get(int(t), int(t)) for t in temps.unit_ids])
             write_peeling_hdf5(path, times_samples=spikes["sample_index"], channels=spikes["channel_index"],
-                               labels=temps.unit_ids[spikes["unit_index"]], sampling_frequency=ctx.fs,
+                               labels=units[spikes["unit_index"]], sampling_frequency=ctx.fs,
                                geom=ctx.geometry.geom, features=features)
     return DARTsortSorting.from_peeling_hdf5(path)
 
@@ -422,8 +457,9 @@ def _match_pass(ctx, temps, motion_info, leftovers=False):
     return out
 
 
-def leftover_templates(ctx, temps, spikes, leftovers, motion_info) -> Templates:
-    """Templates of units found among the events matching left unexplained."""
+def leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id) -> Templates:
+    """Templates of units found among the events matching left unexplained, with ids
+    from first_id on."""
     z_reg = motion_info.correct_s(leftovers["sample_index"] / ctx.fs, leftovers["z"])
     labels = refinement.cluster_leftovers(
         leftovers, z_reg, spikes, ctx.geometry.geom, amplitude_scale=AMPLITUDE_SCALE_UM,
@@ -437,7 +473,6 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info) -> Templates:
                              job_kwargs=ctx.job_kwargs)
     new = new.subset((new.counts >= MIN_UNIT_SPIKES) & (new.ptp() > 0))
     new = refinement.drop_known(new, temps, motion_info.rgeom, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
-    start = int(temps.unit_ids.max(initial=-1)) + 1
-    new = Templates(new.data, np.arange(start, start + new.n_units), new.counts, new.n_before)
+    new = Templates(new.data, np.arange(first_id, first_id + new.n_units), new.counts, new.n_before)
     logger.info("dartsort: %d new units from %d events no template explained", new.n_units, len(leftovers))
     return new

@@ -15,6 +15,7 @@ sums, so memory stays at one template array whatever the spike count.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,13 @@ class Kriging:
         self.inverse = np.linalg.inv(k + KRIGING_NUGGET * np.eye(len(k)))
         self.reach = reach
         self._cache = {}
+
+    def retarget(self, targets: np.ndarray) -> "Kriging":
+        """The same sources (and their inverted kernel, the costly part) for other targets."""
+        new = copy.copy(self)
+        new.targets = np.asarray(targets, float)
+        new._cache = {}
+        return new
 
     def weights(self, dz: float = 0.0):
         key = round(dz / DRIFT_STEP_UM)

@@ -9,9 +9,11 @@ import torch
 
 from dartsort_si.channels import make_channel_index
 from dartsort_si.matching import leftover_dtype
+from dartsort_si import mixture
 from dartsort_si.refinement import (
     RegisteredFeatures,
     cluster_leftovers,
+    drift_piece_units,
     drop_known,
     merge_templates,
     shift_operators,
@@ -118,16 +120,90 @@ def test_colocated_pair_of_equal_amplitude_splits_on_refractory_evidence():
     out = split_units(*args, times=one[order], amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 0
 
-def test_unit_drifting_40um_stays_one():
+@pytest.mark.parametrize("refine", [split_units, mixture.refine], ids=["split", "mixture"])
+def test_unit_drifting_40um_stays_one(refine):
     rng = np.random.default_rng(1)
     geom = np1_geom()
     pos = np.array([27.0, 230.0])
-    drift = rng.uniform(-20, 20, 500)
+    drift = rng.uniform(-20, 20, 600)
     a = unit_spikes(rng, geom, pos, 25.0, 15.0, 2.0, drift)
     rf = registered(geom, [a], [drift], a[3], a[2])
-    out = split_units(np.zeros(500, dtype=np.int64), np.full(500, pos[0]), np.full(500, pos[1]), rf,
-                      times=spike_times(rng, 500, REFRACTORY[2]), amplitude_boundary=BOUND, refractory=REFRACTORY)
-    assert out.max() == 0 and (out == 0).all()
+    out = refine(np.zeros(600, dtype=np.int64), np.full(600, pos[0]), np.full(600, pos[1]), rf,
+                 times=spike_times(rng, 600, REFRACTORY[2]), amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert (out == 0).all()
+
+
+def _pair(rng, drift_um=10.0, n=300):
+    """Two co-located units 2x apart in amplitude, drifting: (registered features, truth, x, z, times)."""
+    geom = np1_geom()
+    pos = np.array([27.0, 230.0])
+    drifts = [rng.uniform(-drift_um, drift_um, n), rng.uniform(-drift_um, drift_um, n)]
+    a = unit_spikes(rng, geom, pos, 25.0, 20.0, 2.0, drifts[0])
+    b = unit_spikes(rng, geom, pos + [0.0, 5.0], 45.0, 10.0, 2.0, drifts[1])
+    rf = registered(geom, [a, b], drifts, a[3], a[2])
+    times = np.concatenate([spike_times(rng, n, REFRACTORY[2]), spike_times(rng, n, REFRACTORY[2])])
+    return rf, np.repeat([0, 1], n), np.full(2 * n, pos[0]), np.full(2 * n, pos[1]), times
+
+
+def _purity(out, truth):
+    return max(np.mean(out == truth), np.mean(out != truth))
+
+
+def test_mixture_gives_neighbours_back_their_spikes():
+    """A fifth of each unit's spikes start in the other unit: EM gives them back."""
+    rng = np.random.default_rng(11)
+    rf, truth, x, z, times = _pair(rng)
+    labels = truth.copy()
+    wrong = rng.random(len(labels)) < 0.2
+    labels[wrong] = 1 - labels[wrong]
+    out = mixture.refine(labels, x, z, rf, times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert out.max() == 1
+    assert _purity(out, truth) > 0.97
+
+
+def test_mixture_splits_a_merged_pair_and_joins_a_unit_split_by_chance():
+    rng = np.random.default_rng(12)
+    rf, truth, x, z, times = _pair(rng)
+    merged = mixture.refine(np.zeros(len(truth), dtype=np.int64), x, z, rf, times=times,
+                            amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert merged.max() == 1 and _purity(merged, truth) > 0.95
+    # one unit (the first of the pair) cut at random into two labels: one unit again
+    one = truth == 0
+    cut = rng.integers(0, 2, one.sum())
+    rejoined = mixture.refine(cut, x[one], z[one], _subset(rf, one), times=times[one],
+                              amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert rejoined.max() == 0
+
+
+def _subset(rf, mask):
+    return RegisteredFeatures(rf.features[mask], rf.channels[mask], rf.channel_index, rf.geom, rf.rgeom,
+                              drift_um=np.zeros(mask.sum()), components=rf.components)
+
+
+def test_drift_pieces_of_one_unit_share_it_and_colocated_neurons_do_not():
+    """Clusters 0 and 1: one neuron near the probe seen below and above 0 um of
+    displacement, its amplitude growing with it (10 to 22); cluster 2: a neuron at the
+    same place firing at every displacement; cluster 3: a piece 30 um away; cluster 4:
+    a narrow piece of neuron 2 at the largest displacements, where cluster 1 also ends."""
+    rng = np.random.default_rng(14)
+    n = 200
+    ranges = [(-15, -3), (3, 15), (-15, 15), (-15, -3), (16, 20)]
+    drift = np.concatenate([rng.uniform(lo, hi, n) for lo, hi in ranges])
+    labels = np.repeat(np.arange(5), n)
+    x = np.where(labels == 3, 57.0, 27.0) + rng.normal(0, 2, 5 * n)
+    z = 230.0 + rng.normal(0, 2, 5 * n)
+    growing = 15.0 + 0.5 * drift
+    amps = np.where(np.isin(labels, [0, 1]), growing, np.where(labels == 3, 10.0, 15.0)) * rng.uniform(0.95, 1.05, 5 * n)
+    half = REFRACTORY[2] // 2
+    times = np.concatenate([np.sort(rng.choice(half, n, replace=False)) + (half if k in (1, 4) else 0)
+                            for k in range(5)])
+    units = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
+    assert units[0] == units[1]
+    assert units[2] == units[4]
+    assert len({units[0], units[2], units[3]}) == 3
+    # without drift (a static recording) nothing is joined
+    still = drift_piece_units(labels, x, z, np.zeros(5 * n), amps, times=times, refractory=REFRACTORY)
+    assert len(set(still)) == 5
 
 
 def test_registered_features_undo_drift():

@@ -1,0 +1,276 @@
+"""Stage 7, Gaussian-mixture refinement in registered feature space.
+
+After the density clustering, its split and the echo cleanup, units that sit
+near each other on the probe compete for their spikes in one Gaussian mixture:
+
+- units are grouped by their registered positions (`unit_groups`): neighbours
+  within GROUP_RADIUS_UM, the units that can steal each other's spikes;
+- each group's spikes are read on the registered channels around its units
+  (refinement.RegisteredFeatures, so drift moves nothing) and reduced to their
+  leading principal components;
+- a mixture with one full-covariance Gaussian per unit is fitted by EM starting
+  from the current labels, then improved by split and merge moves, each kept
+  only when it lowers the Bayesian information criterion (the penalized
+  likelihood) *and* agrees with the two-neuron test of refinement (peak
+  amplitudes beyond matching's scale bound, or spikes breaking each other's
+  refractory period): a split must give two neurons, a merge must not join two;
+- every spike of the group is then assigned to its most likely component.
+
+The mixture sees all of a unit's waveform on its channels where the density
+split sees a few PCs of one cluster at a time, so it moves spikes between
+neighbours and joins the pieces of one unit that the template merge missed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial.distance import cdist
+from threadpoolctl import threadpool_limits
+
+from .clustering import renumber
+from .refinement import MAX_SPIKES, _centres, _sample, _two_neurons, peak_amplitudes
+
+logger = logging.getLogger("dartsort_si")
+
+# units whose registered centres are this close compete in one mixture (two Neuropixels
+# rows, 40 um: the nearest-neighbour merges on NP1 were between units 19-26 um apart)
+GROUP_RADIUS_UM = 40.0
+# a group larger than this is cut by linking at a smaller radius (cost grows with group size)
+MAX_GROUP_UNITS = 6
+# registered channels within this radius of a unit centre carry the group's features
+FEATURE_RADIUS_UM = 50.0
+# dimensions of the mixture (leading PCs of the group's registered features)
+N_DIMS = 8
+# EM iterations per fit
+EM_ITERATIONS = 15
+# covariance floor (features are in units of the noise standard deviation)
+COVARIANCE_FLOOR = 1e-2
+# the smallest component a split may leave
+MIN_COMPONENT = 25
+
+
+@dataclass
+class Gaussian:
+    mean: np.ndarray
+    cov: np.ndarray
+    weight: float
+
+    @classmethod
+    def fit(cls, points, weights=None, total=None):
+        w = np.ones(len(points)) if weights is None else weights
+        s = max(w.sum(), 1e-9)
+        mean = (w[:, None] * points).sum(0) / s
+        d = points - mean
+        cov = (w[:, None] * d).T @ d / s + COVARIANCE_FLOOR * np.eye(points.shape[1])
+        return cls(mean, cov, s / (total or len(points)))
+
+    def log_pdf(self, points):
+        chol = np.linalg.cholesky(self.cov)
+        sol = np.linalg.solve(chol, (points - self.mean).T)
+        log_det = 2 * np.log(np.diag(chol)).sum()
+        return -0.5 * ((sol ** 2).sum(0) + log_det + points.shape[1] * np.log(2 * np.pi))
+
+
+def n_parameters(k, d):
+    """Free parameters of a k-component full-covariance mixture in d dimensions."""
+    return k * (d + d * (d + 1) // 2) + (k - 1)
+
+
+def bic(log_likelihood, k, d, n):
+    return -2 * log_likelihood + n_parameters(k, d) * np.log(max(n, 2))
+
+
+def log_likelihoods(points, comps):
+    """(n, k) log(weight * density) of each point under each component."""
+    return np.stack([np.log(max(c.weight, 1e-12)) + c.log_pdf(points) for c in comps], axis=1)
+
+
+def total_log_likelihood(points, comps):
+    ll = log_likelihoods(points, comps)
+    top = ll.max(1)
+    return float((top + np.log(np.exp(ll - top[:, None]).sum(1))).sum())
+
+
+def em(points, labels, n_iter=EM_ITERATIONS):
+    """EM for a full-covariance mixture from hard labels 0..K-1; returns
+    (components, hard labels). A component that empties is dropped."""
+    labels = np.asarray(labels)
+    k = labels.max() + 1
+    resp = np.eye(k)[labels]
+    comps = []
+    for _ in range(n_iter):
+        keep = resp.sum(0) >= points.shape[1] + 2
+        keep[resp.sum(0).argmax()] = True  # never none
+        resp = resp[:, keep]
+        comps = [Gaussian.fit(points, resp[:, j], len(points)) for j in range(resp.shape[1])]
+        ll = log_likelihoods(points, comps)
+        ll -= ll.max(1, keepdims=True)
+        resp = np.exp(ll)
+        resp /= resp.sum(1, keepdims=True)
+    return comps, resp.argmax(1)
+
+
+def unit_groups(centres, radius=GROUP_RADIUS_UM, max_units=MAX_GROUP_UNITS):
+    """Index lists of units linked (single linkage) within radius um of each other;
+    a group over max_units is cut again at 3/4 of the radius."""
+    n = len(centres)
+    close = cdist(centres, centres) <= radius
+    seen = np.zeros(n, bool)
+    groups = []
+    for start in range(n):
+        if seen[start]:
+            continue
+        stack, members = [start], []
+        seen[start] = True
+        while stack:
+            i = stack.pop()
+            members.append(i)
+            for j in np.flatnonzero(close[i] & ~seen):
+                seen[j] = True
+                stack.append(j)
+        members = np.sort(members)
+        if len(members) > max_units and radius > 5:
+            sub = unit_groups(centres[members], 0.75 * radius, max_units)
+            groups.extend(members[g] for g in sub)
+        else:
+            groups.append(members)
+    return groups
+
+
+@dataclass
+class GroupFit:
+    """One group's spikes in mixture space and what the moves need of them."""
+
+    points: np.ndarray  # (n, d) PCs
+    raw: np.ndarray  # (n, rank * R) registered features, for peak amplitudes
+    times: np.ndarray
+    components: np.ndarray  # temporal PCA basis
+    boundary: float
+    refractory: tuple
+
+    def peak(self, mask):
+        return peak_amplitudes(self.raw[mask].mean(0), self.components)
+
+    def two_neurons(self, a, b):
+        return _two_neurons(self.times[a], self.times[b], self.peak(a), self.peak(b), self.boundary,
+                            self.refractory)
+
+    def bic_of(self, labels):
+        comps, _ = em(self.points, labels, n_iter=1)
+        return bic(total_log_likelihood(self.points, comps), len(comps), self.points.shape[1], len(self.points))
+
+
+def try_splits(fit: GroupFit, labels):
+    """Split each component in two where that lowers the BIC and gives two neurons."""
+    d = fit.points.shape[1]
+    for k in range(labels.max() + 1):
+        members = np.flatnonzero(labels == k)
+        if len(members) < 2 * max(MIN_COMPONENT, d + 2):
+            continue
+        pts = fit.points[members]
+        # start from the sign of the first principal direction of the component
+        centred = pts - pts.mean(0)
+        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
+        start = (centred @ direction > 0).astype(int)
+        if min(start.sum(), len(start) - start.sum()) < d + 2:
+            continue
+        comps2, sub = em(pts, start)
+        if len(comps2) < 2 or min(np.bincount(sub, minlength=2)) < MIN_COMPONENT:
+            continue
+        one = Gaussian.fit(pts)
+        gain = bic(float(one.log_pdf(pts).sum()), 1, d, len(pts)) - \
+            bic(total_log_likelihood(pts, comps2), 2, d, len(pts))
+        if gain > 0 and fit.two_neurons(members[sub == 0], members[sub == 1]):
+            labels = labels.copy()
+            labels[members[sub == 1]] = labels.max() + 1
+    return labels
+
+
+def try_merges(fit: GroupFit, labels):
+    """Merge pairs of components, best first, where one Gaussian explains both at a
+    lower BIC and the two are not two neurons."""
+    d = fit.points.shape[1]
+    while labels.max() > 0:
+        best, best_gain = None, 0.0
+        for i in range(labels.max() + 1):
+            for j in range(i + 1, labels.max() + 1):
+                both = np.flatnonzero((labels == i) | (labels == j))
+                pts = fit.points[both]
+                sub = (labels[both] == j).astype(int)
+                two = [Gaussian.fit(pts[sub == s], total=len(pts)) for s in (0, 1)]
+                one = Gaussian.fit(pts)
+                gain = bic(total_log_likelihood(pts, two), 2, d, len(pts)) - \
+                    bic(float(one.log_pdf(pts).sum()), 1, d, len(pts))
+                if gain > best_gain and not fit.two_neurons(both[sub == 0], both[sub == 1]):
+                    best, best_gain = (i, j), gain
+        if best is None:
+            return labels
+        i, j = best
+        labels = labels.copy()
+        labels[labels == j] = i
+        labels[labels > j] -= 1
+    return labels
+
+
+def refine(labels, x, z_reg, reg_features, *, times, amplitude_boundary, refractory, n_dims=N_DIMS):
+    """Gaussian-mixture refinement of `labels` (-1: unassigned, left alone).
+
+    Returns new labels 0..K-1. See the module docstring.
+    """
+    labels = np.asarray(labels)
+    ids, centres = _centres(labels, x, z_reg)
+    out = np.full(len(labels), -1, dtype=np.int64)
+    if len(ids) == 0:
+        return out
+    next_id, n_split, n_merged = 0, 0, 0
+    with threadpool_limits(limits=1, user_api="blas"):
+        for group in unit_groups(centres):
+            new, n_comps = _refine_group(labels, ids[group], centres[group], reg_features, times,
+                                         amplitude_boundary, refractory, n_dims)
+            sel = new >= 0
+            out[sel] = next_id + new[sel]
+            next_id += n_comps
+            n_split += max(0, n_comps - len(group))
+            n_merged += max(0, len(group) - n_comps)
+    logger.info("dartsort: mixture refinement: %d units in, %d out", len(ids), next_id)
+    return out
+
+
+def _refine_group(labels, unit_ids, centres, reg_features, times, boundary, refractory, n_dims):
+    """(labels of all spikes for this group's units, -1 elsewhere; number of components)."""
+    members = [np.flatnonzero(labels == u) for u in unit_ids]
+    chans = np.unique(np.concatenate([reg_features.channels_near(c, FEATURE_RADIUS_UM) for c in centres]))
+    samples = [_sample(m, MAX_SPIKES) for m in members]
+    raw = np.concatenate([reg_features.aligned(s, chans) for s in samples])
+    start = np.concatenate([np.full(len(s), k) for k, s in enumerate(samples)])
+    sample = np.concatenate(samples)
+    mean = raw.mean(0)
+    basis = np.linalg.svd(raw - mean, full_matrices=False)[2][: min(n_dims, raw.shape[1])]
+    points = (raw - mean) @ basis.T
+    if len(points) < 4 * (points.shape[1] + 2):
+        # too few spikes to fit even one Gaussian per unit: labels stay as they are
+        out = np.full(len(labels), -1, dtype=np.int64)
+        for k, m in enumerate(members):
+            out[m] = k
+        return out, len(members)
+    fit = GroupFit(points, raw, times[sample], reg_features.components, boundary, refractory)
+    _, current = em(points, start)
+    current = renumber(current)
+    current = try_splits(fit, current)
+    current = try_merges(fit, current)
+    comps, current = em(points, current)
+    current = renumber(current)
+    comps, _ = em(points, current, n_iter=1)
+    out = np.full(len(labels), -1, dtype=np.int64)
+    out[sample] = current
+    rest = np.setdiff1d(np.concatenate(members), sample)
+    if len(rest):
+        # the unsampled spikes: aligned as their own unit's sample was, then the most likely component
+        rest_feats = np.concatenate([reg_features.aligned(np.intersect1d(m, rest), chans)
+                                     for m in members if len(np.intersect1d(m, rest))])
+        rest_ids = np.concatenate([np.intersect1d(m, rest) for m in members if len(np.intersect1d(m, rest))])
+        out[rest_ids] = log_likelihoods((rest_feats - mean) @ basis.T, comps).argmax(1)
+    return out, len(comps)
