@@ -24,7 +24,6 @@ import numpy as np
 from spikeinterface.core.node_pipeline import run_node_pipeline
 
 import dartsort_si
-from dartsort_si import steps
 from dartsort_si.config import DARTsortUserConfig
 from dartsort_si.preprocessing import preprocess
 from dartsort_si.subtraction import Geometry, SnippetWindow, ThresholdDetector
@@ -143,13 +142,10 @@ def final_sort(rec, gt, cache, case, mode, extra, args):
     """Sort with the initial pass done by subtraction or by plain threshold crossings."""
     import spikeinterface.comparison as sc
 
-    steps.INITIAL_DETECTION = mode
-    try:
-        cfg = dict(nn_denoiser_class_name=args.denoiser, **extra)
-        tag = "_".join(f"{k}{v}" for k, v in extra.items())
-        res = dartsort_si.dartsort(rec, cache / "detection" / f"final_{mode}{tag}_{case.name}_{args.denoiser}", cfg=cfg)
-    finally:
-        steps.INITIAL_DETECTION = "subtraction"
+    cfg = dict(nn_denoiser_class_name=args.denoiser, **extra)
+    tag = "_".join(f"{k}{v}" for k, v in extra.items())
+    res = dartsort_si.dartsort(rec, cache / "detection" / f"final_{mode}{tag}_{case.name}_{args.denoiser}", cfg=cfg,
+                               initial_detection=mode)
     acc = sc.compare_sorter_to_ground_truth(gt, res["sorting"].to_numpy_sorting()).get_performance()["accuracy"].astype(float)
     return f"{int((acc >= 0.8).sum())}/{len(acc)} well detected, mean accuracy {acc.mean():.3f}"
 

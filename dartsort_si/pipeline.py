@@ -48,26 +48,34 @@ class DARTsortReturn(dict):
     (MotionInfo or None when motion is off) and 'si_motion' (spikeinterface Motion or None)."""
 
 
+INITIAL_DETECTIONS = ("subtraction", "threshold")
+
+
 def dartsort(recording, output_dir, cfg=None, motion: MotionInfo | None = None, si_motion=None,
-             dredge_motion_est=None, overwrite=False) -> DARTsortReturn:
+             dredge_motion_est=None, overwrite=False, *, initial_detection="subtraction") -> DARTsortReturn:
     """Sort `recording`, storing every step's result in `output_dir`.
 
     cfg: a DARTsortUserConfig, a dict of its fields, or a path to a .toml/.json file.
     motion / si_motion / dredge_motion_est: an external motion estimate to use
     instead of running DREDge. overwrite=False resumes from the last finished
     step (and does nothing if all finished); overwrite=True redoes everything.
+    initial_detection: "subtraction" (the algorithm), or "threshold": plain threshold
+    crossings with the same features and no subtraction, for measuring what
+    subtraction brings (benchmarks/detection_recall.py).
     """
+    if initial_detection not in INITIAL_DETECTIONS:
+        raise ValueError(f"initial_detection must be one of {INITIAL_DETECTIONS}, not {initial_detection!r}.")
     _ensure_log_output()
     cfg = load_config(cfg)
     check_recording(recording)
     output_dir = Path(output_dir).absolute()
     prepare_output_dir(output_dir, cfg, overwrite)
     if not cfg.work_in_tmpdir:
-        return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est)
+        return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est, initial_detection)
     with tempfile.TemporaryDirectory(dir=cfg.tmpdir_parent, prefix="dartsort_") as tmp:
         work = Path(tmp) / "work"
         _copy_tree(output_dir, work, cfg.workdir_copier)
-        _run(recording, work, cfg, motion, si_motion, dredge_motion_est)
+        _run(recording, work, cfg, motion, si_motion, dredge_motion_est, initial_detection)
         _copy_tree(work, output_dir, cfg.workdir_copier)
     # reload from output_dir so h5 pointers point there, not into the deleted tmpdir
     return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est)
@@ -159,7 +167,7 @@ class Timer:
 
 # -- the steps
 
-def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est) -> DARTsortReturn:
+def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est, initial_detection) -> DARTsortReturn:
     device = resolve_device(cfg)
     job_kwargs = job_kwargs_from_config(cfg, device)
     # torch's own thread pool ignores SpikeInterface's per-worker limits: n_jobs workers
@@ -168,12 +176,13 @@ def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est) -> DAR
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) // job_kwargs["n_jobs"])))
     try:
-        return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs)
+        return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs,
+                          initial_detection)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs):
+def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs, initial_detection):
     from . import steps
 
     timer = Timer(out / "timings.json")
@@ -185,7 +194,7 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
     geom = rec.get_channel_locations()
     window = SnippetWindow.from_config(cfg, rec.sampling_frequency)
     geometry = Geometry.build(geom, cfg, device)
-    ctx = steps.Context(rec, out, cfg, device, job_kwargs, geometry, window, timer)
+    ctx = steps.Context(rec, out, cfg, device, job_kwargs, geometry, window, timer, initial_detection)
 
     models = steps.fit_models(ctx)
     detected = steps.subtract(ctx, models)

@@ -47,10 +47,6 @@ DECOLLIDER_EPOCHS = 4
 # the Decollider starts from the shipped weights; a gentle rate adapts them to the recording
 # without losing them (at 1e-3 a 60 s x 128 ch sort fell from 24 to 16 well-detected units)
 DECOLLIDER_LEARNING_RATE = 1e-4
-# "subtraction" (the algorithm), or "threshold": plain threshold crossings with the same
-# features, no subtraction; only benchmarks/detection_recall.py switches it, to measure
-# what subtraction brings to the final sort
-INITIAL_DETECTION = "subtraction"
 
 
 @dataclass
@@ -63,6 +59,8 @@ class Context:
     geometry: object
     window: object
     timer: object
+    # "subtraction", or "threshold" (plain crossings, no subtraction): see pipeline.dartsort
+    initial_detection: str = "subtraction"
 
     @property
     def fs(self):
@@ -184,7 +182,7 @@ def _subtract(ctx, models, path):
     denoiser = Denoiser(wf.TemporalPCA(**models["tpca"]), models["nn"], ctx.device)
     node = SubtractionPeeler(ctx.rec, ctx.geometry, ctx.window, denoiser,
                              wf.TemporalPCA(**models["feature_tpca"]), cfg, ctx.dedup_samples, ctx.device,
-                             subtract=INITIAL_DETECTION == "subtraction")
+                             subtract=ctx.initial_detection == "subtraction")
     slices = _chunk_slices(ctx)
     order = np.random.default_rng(0).permutation(len(slices))
     target = cfg.subsampling_spikes or np.inf

@@ -74,3 +74,9 @@ def test_bad_device(tmp_path):
         pytest.skip("CUDA present")
     with pytest.raises(ValueError, match="CUDA is not available"):
         dartsort(_rec(), tmp_path / "out", cfg=dict(device="cuda", preprocessing="standardize"))
+
+
+def test_unknown_initial_detection_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="initial_detection must be one of"):
+        dartsort(_rec(), tmp_path / "out", initial_detection="nn")
+    assert not (tmp_path / "out").exists()
