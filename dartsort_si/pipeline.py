@@ -78,7 +78,7 @@ def dartsort(recording, output_dir, cfg=None, motion: MotionInfo | None = None, 
         _run(recording, work, cfg, motion, si_motion, dredge_motion_est, initial_detection)
         _copy_tree(work, output_dir, cfg.workdir_copier)
     # reload from output_dir so h5 pointers point there, not into the deleted tmpdir
-    return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est)
+    return _run(recording, output_dir, cfg, motion, si_motion, dredge_motion_est, initial_detection)
 
 
 def _copy_tree(src: Path, dst: Path, copier: str):

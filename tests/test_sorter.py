@@ -95,6 +95,16 @@ def test_resume_does_nothing_when_finished(sorted_with_run_sorter, gt_data, tmp_
     assert res["sorting"].n_units > 0 and res["motion"] is not None and res["si_motion"] is not None
 
 
+def test_work_in_tmpdir_returns_the_result_from_the_output_folder(sorted_with_run_sorter, gt_data, tmp_path):
+    _, folder = sorted_with_run_sorter
+    rec, _, _ = gt_data
+    out = shutil.copytree(folder / "sorter_output" / "dartsort", tmp_path / "copy")
+    reference = dartsort_si.DARTsortSorting.load(out / "dartsort_sorting.npz")
+    res = dartsort(rec, out, cfg={**FAST_PARAMS, "work_in_tmpdir": True, "tmpdir_parent": str(tmp_path)})
+    np.testing.assert_array_equal(res["sorting"].labels, reference.labels)
+    assert res["sorting"].parent_h5_path.parent == out
+
+
 def test_killed_run_restarts_cleanly(sorted_with_run_sorter, gt_data, tmp_path):
     _, folder = sorted_with_run_sorter
     rec, _, _ = gt_data
