@@ -158,9 +158,13 @@ class GroupFit:
         return _two_neurons(self.times[a], self.times[b], self.peak(a), self.peak(b), self.boundary,
                             self.refractory)
 
-    def bic_of(self, labels):
-        comps, _ = em(self.points, labels, n_iter=1)
-        return bic(total_log_likelihood(self.points, comps), len(comps), self.points.shape[1], len(self.points))
+
+def two_over_one(points, two):
+    """BIC of one Gaussian over `points` minus that of the two components `two`:
+    positive where two explain them better, penalty included."""
+    d = points.shape[1]
+    return bic(float(Gaussian.fit(points).log_pdf(points).sum()), 1, d, len(points)) - \
+        bic(total_log_likelihood(points, two), 2, d, len(points))
 
 
 def try_splits(fit: GroupFit, labels):
@@ -180,10 +184,7 @@ def try_splits(fit: GroupFit, labels):
         comps2, sub = em(pts, start)
         if len(comps2) < 2 or min(np.bincount(sub, minlength=2)) < MIN_COMPONENT:
             continue
-        one = Gaussian.fit(pts)
-        gain = bic(float(one.log_pdf(pts).sum()), 1, d, len(pts)) - \
-            bic(total_log_likelihood(pts, comps2), 2, d, len(pts))
-        if gain > 0 and fit.two_neurons(members[sub == 0], members[sub == 1]):
+        if two_over_one(pts, comps2) > 0 and fit.two_neurons(members[sub == 0], members[sub == 1]):
             labels = labels.copy()
             labels[members[sub == 1]] = labels.max() + 1
     return labels
@@ -192,7 +193,6 @@ def try_splits(fit: GroupFit, labels):
 def try_merges(fit: GroupFit, labels):
     """Merge pairs of components, best first, where one Gaussian explains both at a
     lower BIC and the two are not two neurons."""
-    d = fit.points.shape[1]
     while labels.max() > 0:
         best, best_gain = None, 0.0
         for i in range(labels.max() + 1):
@@ -201,9 +201,7 @@ def try_merges(fit: GroupFit, labels):
                 pts = fit.points[both]
                 sub = (labels[both] == j).astype(int)
                 two = [Gaussian.fit(pts[sub == s], total=len(pts)) for s in (0, 1)]
-                one = Gaussian.fit(pts)
-                gain = bic(total_log_likelihood(pts, two), 2, d, len(pts)) - \
-                    bic(float(one.log_pdf(pts).sum()), 1, d, len(pts))
+                gain = -two_over_one(pts, two)
                 if gain > best_gain and not fit.two_neurons(both[sub == 0], both[sub == 1]):
                     best, best_gain = (i, j), gain
         if best is None:
@@ -225,7 +223,7 @@ def refine(labels, x, z_reg, reg_features, *, times, amplitude_boundary, refract
     out = np.full(len(labels), -1, dtype=np.int64)
     if len(ids) == 0:
         return out
-    next_id, n_split, n_merged = 0, 0, 0
+    next_id = 0
     with threadpool_limits(limits=1, user_api="blas"):
         for group in unit_groups(centres):
             new, n_comps = _refine_group(labels, ids[group], centres[group], reg_features, times,
@@ -233,8 +231,6 @@ def refine(labels, x, z_reg, reg_features, *, times, amplitude_boundary, refract
             sel = new >= 0
             out[sel] = next_id + new[sel]
             next_id += n_comps
-            n_split += max(0, n_comps - len(group))
-            n_merged += max(0, len(group) - n_comps)
     logger.info("dartsort: mixture refinement: %d units in, %d out", len(ids), next_id)
     return out
 
@@ -266,11 +262,8 @@ def _refine_group(labels, unit_ids, centres, reg_features, times, boundary, refr
     comps, _ = em(points, current, n_iter=1)
     out = np.full(len(labels), -1, dtype=np.int64)
     out[sample] = current
-    rest = np.setdiff1d(np.concatenate(members), sample)
-    if len(rest):
-        # the unsampled spikes: aligned as their own unit's sample was, then the most likely component
-        rest_feats = np.concatenate([reg_features.aligned(np.intersect1d(m, rest), chans)
-                                     for m in members if len(np.intersect1d(m, rest))])
-        rest_ids = np.concatenate([np.intersect1d(m, rest) for m in members if len(np.intersect1d(m, rest))])
-        out[rest_ids] = log_likelihoods((rest_feats - mean) @ basis.T, comps).argmax(1)
+    # the unsampled spikes: aligned as their own unit's sample was, then the most likely component
+    for rest in (np.setdiff1d(m, s) for m, s in zip(members, samples)):
+        if len(rest):
+            out[rest] = log_likelihoods((reg_features.aligned(rest, chans) - mean) @ basis.T, comps).argmax(1)
     return out, len(comps)

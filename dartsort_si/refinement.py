@@ -32,7 +32,7 @@ import torch
 from scipy.spatial.distance import cdist
 from threadpoolctl import threadpool_limits
 
-from .clustering import _split_once, cluster_spikes, drop_echo_clusters, echo_mask
+from .clustering import _find, _split_once, cluster_spikes, drop_echo_clusters, echo_mask
 from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
 
 logger = logging.getLogger("dartsort_si")
@@ -258,13 +258,12 @@ def _rejoin_one_neuron(feats, times, sub, boundary, components, refractory):
     returns piece labels 0..K-1 (K = 1: no split)."""
     k = sub.max() + 1
     peaks = [peak_amplitudes(feats[sub == i].mean(0), components) for i in range(k)]
-    group = list(range(k))
+    parent = list(range(k))
     for i in range(k):
         for j in range(i + 1, k):
             if not _two_neurons(times[sub == i], times[sub == j], peaks[i], peaks[j], boundary, refractory):
-                old, new = group[j], group[i]
-                group = [new if g == old else g for g in group]
-    _, relabel = np.unique(group, return_inverse=True)
+                parent[_find(parent, j)] = _find(parent, i)
+    _, relabel = np.unique([_find(parent, i) for i in range(k)], return_inverse=True)
     return relabel[sub]
 
 
@@ -282,14 +281,14 @@ def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_ch
     k = temps.n_units
     data = torch.as_tensor(temps.data, dtype=torch.float32)
     main = temps.main_channels()
-    parent = {i: i for i in range(k)}
+    parent = list(range(k))
     for i in range(k):
         for j in range(i + 1, k):
             if abs(main[i] - main[j]) > max_channel_gap:
                 continue
             if template_distance(data[i], data[j], amplitude_boundary, max_shift) < MERGE_DISTANCE:
-                parent[_root_of(parent, j)] = _root_of(parent, i)
-    roots = np.array([_root_of(parent, i) for i in range(k)])
+                parent[_find(parent, j)] = _find(parent, i)
+    roots = np.array([_find(parent, i) for i in range(k)])
     keep = np.unique(roots)
     if len(keep) == k:
         return temps
@@ -323,12 +322,6 @@ def _one_way_distance(a, b, boundary, max_shift):
         scale = ((a * bs).sum() / (bs * bs).sum().clamp(min=1e-9)).clamp(1 - boundary, 1 + boundary)
         best = min(best, float((a - scale * bs).norm() / max(float(a.norm()), 1e-9)))
     return best
-
-
-def _root_of(parent, u):
-    while parent[u] != u:
-        u = parent[u]
-    return u
 
 
 # -- units the clustering missed
@@ -412,7 +405,6 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
     if len(ids) < 2:
         return units
     groups = {int(u): np.flatnonzero(labels == u) for u in ids}
-    root = {int(u): int(u) for u in ids}
     while True:
         best = _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory)
         pairs = [(a, b) for a, (b, _) in best.items() if a < b and best.get(b, (None,))[0] == a]
@@ -420,9 +412,8 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
             break
         for a, b in pairs:
             groups[a] = np.concatenate([groups[a], groups.pop(b)])
-            root = {u: (a if r == b else r) for u, r in root.items()}
-    for u, r in root.items():
-        units[u] = r
+    for key, members in groups.items():
+        units[np.unique(labels[members])] = key
     n_joined = len(ids) - len(groups)
     if n_joined:
         logger.info("dartsort: %d clusters are pieces of other units at other probe displacements", n_joined)
