@@ -16,7 +16,7 @@ from . import clustering, mixture, refinement, waveforms as wf
 from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
-from .matching import TemplateMatcher
+from .matching import TemplateMatcher, time_locked_echoes
 from .motion import estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
@@ -36,6 +36,15 @@ ECHO_RADIUS_UM = 150.0
 # ECHO_RADIUS_UM of a 3x bigger event are echoes, not a unit (60 s x 128 ch: the junk
 # clusters' fractions were 0.84-0.99, no real unit's above 0.3)
 ECHO_CLUSTER_MS = 1.5
+# After the mixture refinement the same test runs again over the whole snippet window
+# (ms_before before to ms_after after). The mixture's splits cut a big unit's echoes out of real
+# clusters into clusters of their own, and echoes come up to 2.6 ms from the big spike. On held-out
+# draws these clusters had templates that were time-shifted copies of the big unit's waveform, and
+# matching put them on its spikes: static NP1 seed 5, five such clusters by an SNR-36 unit
+# (fractions 0.07-0.87 at 1.5 ms, 0.73-0.99 over the window; 7000 spikes matched on its 412);
+# NP1 drifting seed 4, two by an SNR-40 unit (two real units next to it took 3100 false spikes).
+# Before the mixture the window stays short: there, echoes still share a cluster with a real
+# small unit, and the whole cluster would go (NP1 seed 2: an SNR-5 unit 21 um from an SNR-42 one).
 ECHO_CLUSTER_FRACTION = 0.5
 # after matching, residual crossings at this level (noise units) that cluster become new units:
 # high enough that noise alone almost never crosses it on the whole probe
@@ -65,6 +74,11 @@ class Context:
     @property
     def fs(self):
         return self.rec.sampling_frequency
+
+    @property
+    def echo_window_samples(self):
+        """The longer side of the snippet window, in samples: how far from a spike its echoes reach."""
+        return max(self.window.n_before, self.window.n_after)
 
     @property
     def dedup_samples(self):
@@ -340,10 +354,14 @@ def _cluster(ctx, detected, motion_info, feature_basis):
     n_clean = len(np.unique(labels[labels >= 0]))
     labels = mixture.refine(labels, locs[:, 0], z_reg, feats, times=detected.times_samples,
                             amplitude_boundary=ctx.cfg.amplitude_scaling_boundary, refractory=refractory)
+    n_mixture = len(np.unique(labels[labels >= 0]))
+    window_echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
+                                       window_samples=ctx.echo_window_samples, radius_um=ECHO_RADIUS_UM)
+    labels = clustering.drop_echo_clusters(labels, window_echo, ECHO_CLUSTER_FRACTION)
     logger.info("dartsort: density clustering: %d clusters (%d echo events of bigger spikes left out); "
                 "%d after the split on registered features, %d echo clusters dropped, %d units after the "
-                "mixture refinement", n_initial, echo.sum(), n_split, n_split - n_clean,
-                len(np.unique(labels[labels >= 0])))
+                "mixture refinement, %d echo clusters dropped", n_initial, echo.sum(), n_split, n_split - n_clean,
+                n_mixture, n_mixture - len(np.unique(labels[labels >= 0])))
     labels = clustering.renumber(labels)
     units = refinement.drift_piece_units(labels, locs[:, 0], z_reg, locs[:, 2] - z_reg, amps,
                                          times=detected.times_samples, refractory=refractory)
@@ -401,17 +419,26 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
                 if _rematch_is_sane(spikes, spikes2, temps.n_units, new.counts):
                     keep = _spikes_of_kept_new_units(spikes2, temps.n_units, new.counts)
                     temps, spikes, locs = more, spikes2[keep], locs2[keep]
+            unit_of = _unit_of_template(sorting)
+            units = np.array([unit_of.get(int(t), int(t)) for t in temps.unit_ids])
+            spikes, locs = _without_echoes(ctx, spikes, locs, temps, units)
             features = dict(point_source_localizations=locs, scales=spikes["scale"],
                             denoised_ptp_amplitudes=spikes["amplitude"],
                             upsampling_indices=spikes["upsample_index"].astype(np.int64))
-            template_ids = temps.unit_ids[spikes["unit_index"]]
-            unit_of = _unit_of_template(sorting)
-            features["template_labels"] = template_ids
-            units = np.array([unit_of.get(int(t), int(t)) for t in temps.unit_ids])
+            features["template_labels"] = temps.unit_ids[spikes["unit_index"]]
             write_peeling_hdf5(path, times_samples=spikes["sample_index"], channels=spikes["channel_index"],
                                labels=units[spikes["unit_index"]], sampling_frequency=ctx.fs,
                                geom=ctx.geometry.geom, features=features)
     return DARTsortSorting.from_peeling_hdf5(path)
+
+
+def _without_echoes(ctx, spikes, locs, temps, units):
+    """Matched spikes less those that are echoes of a bigger unit (matching.time_locked_echoes)."""
+    echo = time_locked_echoes(spikes["sample_index"], spikes["unit_index"], temps.ptp(), units,
+                              window=ctx.echo_window_samples, duration=ctx.rec.get_total_samples())
+    if echo.any():
+        logger.info("dartsort: %d matched spikes were echoes of bigger units; dropped", echo.sum())
+    return spikes[~echo], locs[~echo]
 
 
 def _rematch_is_sane(before, after, n_old, new_counts):

@@ -280,8 +280,9 @@ class SubtractionPeeler(PeakDetector):
         last = None
         found = []
         for _ in range(MAX_PEEL_ITERATIONS):
+            rows = None if last is None else _rows_near(last[0], w.length, len(residual))
             t, c, _ = wf.find_peaks(residual, self.threshold, self.peak_sign, g.dedup_index,
-                                    self.dedup_samples, valid=valid)
+                                    self.dedup_samples, valid=valid, rows=rows)
             if last is not None:
                 # only near what we just subtracted can the residual hold something new
                 near = _near(t, c, *last, g.conflicts, w.length)
@@ -379,6 +380,16 @@ def _biggest(score, times, chans, conflicts, window):
     rival = torch.where(close, score[None, :], torch.full_like(score[None, :], -torch.inf))
     earlier_tie = (rival == score[:, None]) & torch.ones(n, n, dtype=torch.bool, device=score.device).tril(-1)
     return (score[:, None] >= rival).all(1) & ~earlier_tie.any(1)
+
+
+def _rows_near(times, window, n_rows):
+    """Sorted sample indices within +-window of any of times, or None when they cover
+    most of the chunk (then one search of the whole chunk is cheaper). Looking only there
+    finds what _near keeps: a whole-chunk search each round was 7% of a sort (py-spy)."""
+    if len(times) * (2 * window + 1) > n_rows // 2:
+        return None
+    rows = (times[:, None] + torch.arange(-window, window + 1, device=times.device)).reshape(-1)
+    return torch.unique(rows.clamp(0, n_rows - 1))
 
 
 def _near(times, chans, ref_times, ref_chans, conflicts, window, batch=4096):

@@ -12,38 +12,48 @@ import torch
 
 
 def find_peaks(traces: torch.Tensor, threshold: float, peak_sign: str, dedup_index: torch.Tensor,
-               dedup_samples: int = 7, valid: tuple[int, int] | None = None):
+               dedup_samples: int = 7, valid: tuple[int, int] | None = None, rows: torch.Tensor | None = None):
     """Threshold crossings that are the biggest event within `dedup_samples`
     in time and within the dedup neighbourhood in space.
 
     Returns (times, channels, energies) where energy is |voltage| (or the
     signed voltage for 'neg'/'pos'). The dedup neighbourhood suppresses the
     secondary channels of a big spike, not just smaller spikes nearby.
+    rows (sorted, unique sample indices): look for crossings at these times only;
+    the result there is the same as a search of the whole chunk.
     Works on the (few) crossings only, not on the whole chunk.
     """
-    if peak_sign == "neg":
-        energy = -traces
-    elif peak_sign == "pos":
-        energy = traces
-    else:
-        energy = traces.abs()
     lo, hi = valid if valid is not None else (0, len(traces))
-    times, chans = torch.nonzero(energy[lo:hi] >= threshold, as_tuple=True)
-    times = times + lo
+    if rows is None:
+        times, chans = torch.nonzero(_energy(traces[lo:hi], peak_sign) >= threshold, as_tuple=True)
+        times = times + lo
+    else:
+        rows = rows[(rows >= lo) & (rows < hi)]
+        at, chans = torch.nonzero(_energy(traces[rows], peak_sign) >= threshold, as_tuple=True)
+        times = rows[at]
     window = torch.arange(-dedup_samples, dedup_samples + 1, device=traces.device)
-    rows = (times[:, None] + window[None, :]).clamp(0, len(traces) - 1)  # (n, W)
-    own = energy[times, chans]
+    around_t = (times[:, None] + window[None, :]).clamp(0, len(traces) - 1)  # (n, W)
+    own = _energy(traces[times, chans], peak_sign)
     # biggest within the time window on its own channel ...
-    is_peak = own >= energy[rows, chans[:, None]].amax(1)
-    times, chans, own, rows = times[is_peak], chans[is_peak], own[is_peak], rows[is_peak]
+    is_peak = own >= _energy(traces[around_t, chans[:, None]], peak_sign).amax(1)
+    times, chans, own, around_t = times[is_peak], chans[is_peak], own[is_peak], around_t[is_peak]
     # ... and within the dedup neighbourhood
     n_chans = traces.shape[1]
     neighbours = dedup_index[chans]  # (n, K)
     real = neighbours < n_chans
-    around = energy[rows[:, :, None], neighbours.clamp(max=n_chans - 1)[:, None, :]]  # (n, W, K)
+    around = _energy(traces[around_t[:, :, None], neighbours.clamp(max=n_chans - 1)[:, None, :]], peak_sign)
     around = torch.where(real[:, None, :], around, torch.zeros((), dtype=around.dtype, device=around.device))
     keep = own >= around.amax((1, 2))
     return times[keep], chans[keep], own[keep]
+
+
+def _energy(x: torch.Tensor, peak_sign: str) -> torch.Tensor:
+    """What a peak is the maximum of: -x for troughs, x for peaks, |x| for both."""
+    if peak_sign == "neg":
+        return -x
+    if peak_sign == "pos":
+        return x
+    return x.abs()
 
 
 def cut(traces: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,

@@ -79,3 +79,17 @@ def test_threshold_only_mode_detects_without_subtracting(overlapping_pairs):
     big = [t for t, _ in events]
     assert all(np.abs(peaks["sample_index"] - t).min() <= 3 for t in big)  # the big ones are all there
     assert locs.shape == (len(peaks), 4) and feats.shape[0] == amps.shape[0] == len(peaks)
+
+
+@pytest.mark.parametrize("peak_sign", ["neg", "both"])
+def test_peak_search_on_some_rows_finds_what_the_whole_chunk_search_finds_there(peak_sign):
+    gen = torch.Generator().manual_seed(3)
+    traces = torch.randn(3000, 16, generator=gen) * 1.5
+    index = torch.stack([torch.clamp(torch.arange(16) + d, 0, 15) for d in (-2, -1, 0, 1, 2)], 1)
+    rows = torch.unique(torch.cat([torch.arange(0, 40), torch.arange(500, 800), torch.arange(2950, 3000)]))
+    full = wf.find_peaks(traces, 3.0, peak_sign, index, 5, valid=(10, 2990))
+    part = wf.find_peaks(traces, 3.0, peak_sign, index, 5, valid=(10, 2990), rows=rows)
+    inside = torch.isin(full[0], rows)
+    assert inside.sum() > 10
+    for a, b in zip(part, full):
+        assert torch.equal(a, b[inside])
