@@ -383,6 +383,7 @@ def unit_templates(ctx, sorting, motion_info, name) -> Templates:
         temps = estimate_templates(ctx.rec, sorting.times_samples, _template_labels(sorting), motion_info,
                                    depths_um=sorting.point_source_localizations[:, 2], n_before=w.n_before,
                                    n_after=w.n_after, job_kwargs=ctx.job_kwargs)
+        temps = temps.without_noise_channels(motion_info.rgeom, ctx.cfg.subtraction_radius_um)
         temps = refinement.merge_templates(temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
         temps = temps.subset((temps.counts >= MIN_UNIT_SPIKES) & (temps.ptp() > 0))
         temps.save(path)
@@ -496,6 +497,7 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id) -> 
     new = estimate_templates(ctx.rec, leftovers["sample_index"], labels, motion_info,
                              depths_um=leftovers["z"], n_before=w.n_before, n_after=w.n_after,
                              job_kwargs=ctx.job_kwargs)
+    new = new.without_noise_channels(motion_info.rgeom, ctx.cfg.subtraction_radius_um)
     new = new.subset((new.counts >= MIN_UNIT_SPIKES) & (new.ptp() > 0))
     new = refinement.drop_known(new, temps, motion_info.rgeom, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
     new = Templates(new.data, np.arange(first_id, first_id + new.n_units), new.counts, new.n_before)

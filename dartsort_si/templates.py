@@ -33,6 +33,19 @@ KRIGING_SIGMA_UM = 60.0
 KRIGING_NUGGET = 1e-4
 # displacements are rounded to this step so interpolation matrices can be shared
 DRIFT_STEP_UM = 1.0
+# a template channel far from the main channel whose peak-to-peak is under this many times that
+# of a mean of n noise snippets (about 5 / sqrt(n) in noise units) holds no signal and is set to
+# zero (see Templates.without_noise_channels). Kept, those
+# channels cover the whole probe: an SNR-4 unit's template (425 spikes) had peak-to-peaks of
+# 0.15-0.58 on every channel up to 1.1 mm away, 20% of its energy, and matching took the spikes
+# of an SNR-40 unit 1.1 mm away for it (344 false spikes, accuracy 0.55; 60 s x 128 ch static NP1).
+# Alone, this cost units on drifting NP1 (small units next to SNR-30 ones took 3-6x more false
+# spikes); with matching's echo filter (matching.time_locked_echoes) taking those out it adds
+# 10 well-detected units over the 15 held-out cases (NP1 +4, NP2 +2, static +4) and 1 over the
+# 6 tuning cases, with one case 1 lower in each set
+NOISE_CHANNEL_FACTOR = 3.0
+# peak-to-peak of one noise snippet of template length (unit variance), ~ the mean range of 121 samples
+NOISE_SNIPPET_PTP = 5.0
 
 
 @dataclass
@@ -58,6 +71,19 @@ class Templates:
     def concat(self, other: "Templates") -> "Templates":
         return Templates(np.concatenate([self.data, other.data]), np.concatenate([self.unit_ids, other.unit_ids]),
                          np.concatenate([self.counts, other.counts]), self.n_before)
+
+    def without_noise_channels(self, rgeom, radius_um) -> "Templates":
+        """Channels farther than radius_um from the main channel whose peak-to-peak is within
+        noise of the spikes averaged set to zero (see NOISE_CHANNEL_FACTOR). Near the main
+        channel even weak values stay: they tell a small unit from the spikes of a big
+        neighbour (zeroed there too, small units next to SNR-30 ones took 3-6x more false
+        spikes; 60 s x 128 ch NP1)."""
+        floor = NOISE_CHANNEL_FACTOR * NOISE_SNIPPET_PTP / np.sqrt(np.maximum(self.counts, 1))
+        ptps = self.data.max(1) - self.data.min(1)  # (K, R)
+        near = cdist(rgeom[self.main_channels()], rgeom) <= radius_um
+        keep = near | (ptps >= floor[:, None])
+        data = np.where(keep[:, None, :], self.data, 0.0).astype(np.float32)
+        return Templates(data, self.unit_ids, self.counts, self.n_before)
 
     def subset(self, keep) -> "Templates":
         return Templates(self.data[keep], self.unit_ids[keep], self.counts[keep], self.n_before)

@@ -9,7 +9,7 @@ from dredge.motion_util import get_motion_estimate
 
 from dartsort_si.data import MotionInfo
 from dartsort_si.refinement import template_distance
-from dartsort_si.templates import Kriging, estimate_templates, interpolation_reach
+from dartsort_si.templates import Kriging, Templates, estimate_templates, interpolation_reach
 
 FS = 30000.0
 N_BEFORE, N_AFTER = 20, 40
@@ -83,3 +83,23 @@ def test_drifting_unit_has_one_registered_template(drift_um):
     print(f"drift {drift_um} um: template distance registered {d_reg:.3f}, uncorrected {d_raw:.3f}")
     assert d_reg < 0.08
     assert d_raw > 2 * d_reg
+
+
+def test_channels_within_noise_of_a_mean_template_are_zeroed():
+    """A low-amplitude unit averaged over 400 spikes: its footprint stays, the noise left on
+    every other channel (and the fragments of far units it averaged in) goes."""
+    rng = np.random.default_rng(3)
+    geom = np1_geom()
+    n_spikes, length = 400, N_BEFORE + N_AFTER
+    t = np.arange(length)
+    shape = -np.exp(-0.5 * ((t - N_BEFORE) / 2.0) ** 2)
+    signal = 6.0 * shape[:, None] * footprint(geom, np.array([27.0, 100.0]))[None, :] ** 3
+    mean_noise = rng.standard_normal((length, len(geom))) / np.sqrt(n_spikes)
+    data = (signal + mean_noise)[None].astype(np.float32)
+    temps = Templates(data, np.array([0]), np.array([n_spikes]), N_BEFORE).without_noise_channels(geom, 100.0)
+    ptp = temps.data[0].max(0) - temps.data[0].min(0)
+    strong = np.ptp(signal, axis=0) >= 1.5
+    distance = np.linalg.norm(geom - [27.0, 100.0], axis=1)
+    assert strong.sum() >= 3 and (ptp[strong] > 0).all()
+    assert (ptp[distance > 150] == 0).all()
+    assert (ptp[distance < 60] > 0).all()  # weak values near the unit stay
