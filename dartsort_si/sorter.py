@@ -58,7 +58,7 @@ class DARTsortSorter(BaseSorter):
 
     @classmethod
     def _check_params(cls, recording, output_folder, params):
-        config_from_params(params)  # raises ValueError naming the bad field
+        config_from_params(params, recording.sampling_frequency)  # raises ValueError naming the bad field
         return params
 
     @classmethod
@@ -72,7 +72,7 @@ class DARTsortSorter(BaseSorter):
         recording = cls.load_recording_from_folder(Path(sorter_output_folder).parent, with_warnings=False)
         if recording is None:
             raise ValueError("The recording could not be reloaded; save it to binary before sorting.")
-        cfg = config_from_params(params)
+        cfg = config_from_params(params, recording.sampling_frequency)
         work = Path(sorter_output_folder) / "dartsort"
         result = dartsort(recording, work, cfg)
         sorting = result["sorting"].to_numpy_sorting()
@@ -86,8 +86,9 @@ class DARTsortSorter(BaseSorter):
         return load(Path(sorter_output_folder) / "final_sorting")
 
 
-def config_from_params(params: dict) -> DARTsortUserConfig:
-    """Sorter params -> config, with SpikeInterface job kwargs mapped onto config fields."""
+def config_from_params(params: dict, sampling_frequency: float) -> DARTsortUserConfig:
+    """Sorter params -> config, with SpikeInterface job kwargs mapped onto config fields
+    (chunk_duration becomes samples at the recording's sampling_frequency)."""
     fields = {k: v for k, v in params.items() if k not in _JOB_PARAMS}
     n = params.get("n_jobs")
     if n is not None:
@@ -95,7 +96,7 @@ def config_from_params(params: dict) -> DARTsortUserConfig:
             n = max(1, int(n * (os.cpu_count() or 1)))
         fields["n_jobs_cpu"] = fields["n_jobs_gpu"] = int(n)
     if params.get("chunk_duration") is not None:
-        fields["chunk_length_samples"] = _duration_samples(params["chunk_duration"])
+        fields["chunk_length_samples"] = _duration_samples(params["chunk_duration"], sampling_frequency)
     if params.get("pool_engine") is not None:
         fields["executor"] = {"thread": "ThreadPoolExecutor", "process": "ProcessPoolExecutor"}[params["pool_engine"]]
     from .config import from_dict
@@ -103,7 +104,7 @@ def config_from_params(params: dict) -> DARTsortUserConfig:
     return from_dict(fields)
 
 
-def _duration_samples(duration, fs=30000.0):
+def _duration_samples(duration, fs):
     if isinstance(duration, str):
         value = float(duration.rstrip("ms")) * (1e-3 if duration.endswith("ms") else 1.0)
     else:

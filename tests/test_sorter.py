@@ -33,8 +33,10 @@ def test_params_round_trip():
     assert {"n_jobs", "chunk_duration", "progress_bar", "pool_engine"} <= set(params)
     from dartsort_si.sorter import config_from_params
 
-    cfg = config_from_params({**params, "voltage_threshold": 4.5, "n_jobs": 2, "chunk_duration": "0.5s"})
+    cfg = config_from_params({**params, "voltage_threshold": 4.5, "n_jobs": 2, "chunk_duration": "0.5s"}, 30000.0)
     assert cfg.voltage_threshold == 4.5 and cfg.n_jobs_cpu == 2 and cfg.chunk_length_samples == 15000
+    # chunk_duration is a time: at 20 kHz, 0.5 s is 10000 samples (it was 15000 whatever the rate)
+    assert config_from_params({**params, "chunk_duration": "500ms"}, 20000.0).chunk_length_samples == 10000
 
 
 def test_bad_param_is_refused(gt_data, tmp_path):
