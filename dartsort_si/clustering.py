@@ -368,22 +368,32 @@ def echo_mask(times, channels, amplitudes, geom, *, window_samples, radius_um, r
     cluster's mean template toward the big unit's waveform. Real small spikes this
     close to a big one are rare, and matching still finds them.
     """
+    gaps = echo_gaps(times, channels, amplitudes, geom, max_window=window_samples, radius_um=radius_um, ratio=ratio)
+    return gaps <= window_samples
+
+
+def echo_gaps(times, channels, amplitudes, geom, *, max_window, radius_um, ratio=3.0):
+    """Per event, the time (samples) to the nearest event at least `ratio` times larger
+    within radius_um, looked for up to max_window away (inf beyond): echo_mask for
+    several windows from one pass over the pairs."""
     times = np.asarray(times)
     n = len(times)
     order = np.argsort(times, kind="stable")
     t, c, a = times[order], np.asarray(channels)[order], np.abs(np.asarray(amplitudes, float))[order]
     near_channels = np.linalg.norm(geom[:, None] - geom[None], axis=2) <= radius_um
-    echo = np.zeros(n, dtype=bool)
+    gap = np.full(n, np.inf)
     for k in range(1, n):  # pairs k apart in time order; gaps only grow with k
-        i = np.flatnonzero(t[k:] - t[:-k] <= window_samples)
+        d = t[k:] - t[:-k]
+        i = np.flatnonzero(d <= max_window)
         if not len(i):
             break
         j = i + k
         near = near_channels[c[i], c[j]]
-        echo[j[near & (a[i] >= ratio * a[j])]] = True
-        echo[i[near & (a[j] >= ratio * a[i])]] = True
-    out = np.zeros(n, dtype=bool)
-    out[order] = echo
+        for small, big in ((j, i), (i, j)):
+            hit = near & (a[big] >= ratio * a[small])
+            gap[small[hit]] = np.minimum(gap[small[hit]], d[i][hit])
+    out = np.empty(n)
+    out[order] = gap
     return out
 
 

@@ -293,7 +293,6 @@ def time_locked_echoes(times, templates, ptps, units_of, *, window, duration):
     times, templates, ptps = np.asarray(times), np.asarray(templates), np.asarray(ptps)
     echo = np.zeros(len(times), dtype=bool)
     members = [np.flatnonzero(templates == k) for k in range(len(ptps))]
-    lags = np.arange(-window, window + 1)
     for b in np.argsort(-ptps):
         small = np.flatnonzero((ptps * ECHO_RATIO <= ptps[b]) & (units_of != units_of[b]))
         tb = times[members[b]]
@@ -302,7 +301,7 @@ def time_locked_echoes(times, templates, ptps, units_of, *, window, duration):
             which, lag = _pairs_within(times[idx], tb, window)
             if not len(lag):
                 continue
-            counts = np.bincount(lag + window, minlength=len(lags))
+            counts = np.bincount(lag + window, minlength=2 * window + 1)
             around = np.convolve(counts, np.ones(3), mode="same")
             chance = 3.0 * len(idx) * len(tb) / max(duration, 1)
             hot = around >= max(ECHO_MIN_COUNT, ECHO_EXCESS * chance)

@@ -32,7 +32,7 @@ import torch
 from scipy.spatial.distance import cdist
 from threadpoolctl import threadpool_limits
 
-from .clustering import _find, _split_once, cluster_spikes, drop_echo_clusters, echo_mask
+from .clustering import _find, _split_once, cluster_spikes, drop_echo_clusters, echo_gaps, echo_mask
 from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
 
 logger = logging.getLogger("dartsort_si")
@@ -343,13 +343,13 @@ def cluster_leftovers(leftovers, z_reg, matched, geom, *, amplitude_scale, echo_
     times = np.concatenate([leftovers["sample_index"], matched["sample_index"]])
     chans = np.concatenate([leftovers["channel_index"], matched["channel_index"]])
     amps = np.concatenate([leftovers["amplitude"], matched["amplitude"]])
-    echo = echo_mask(times, chans, amps, geom, window_samples=echo_samples, radius_um=echo_radius_um,
-                     ratio=LEFTOVER_ECHO_RATIO)[:n]
+    gaps = echo_gaps(times, chans, amps, geom, max_window=max(echo_samples, echo_cluster_samples),
+                     radius_um=echo_radius_um, ratio=LEFTOVER_ECHO_RATIO)[:n]
+    echo = gaps <= echo_samples
     # one missed spike leaves two events (its trough and its after-peak): keep the bigger
     echo |= echo_mask(leftovers["sample_index"], leftovers["channel_index"], leftovers["amplitude"], geom,
                       window_samples=echo_samples, radius_um=echo_radius_um, ratio=1.0)
-    late = echo_mask(times, chans, amps, geom, window_samples=echo_cluster_samples, radius_um=echo_radius_um,
-                     ratio=LEFTOVER_ECHO_RATIO)[:n]
+    late = gaps <= echo_cluster_samples
     keep = ~echo
     labels[keep] = cluster_spikes(leftovers["x"][keep], z_reg[keep], leftovers["amplitude"][keep],
                                   amplitude_scale=amplitude_scale)

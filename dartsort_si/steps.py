@@ -334,8 +334,12 @@ def _cluster(ctx, detected, motion_info, feature_basis):
     locs = detected.point_source_localizations
     z_reg = motion_info.correct_s(detected.times_samples / ctx.fs, locs[:, 2])
     amps = detected.denoised_ptp_amplitudes
-    echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
-                                window_samples=int(ECHO_MS * ctx.fs / 1000), radius_um=ECHO_RADIUS_UM)
+    echo_samples = int(ECHO_MS * ctx.fs / 1000)
+    cluster_samples = int(ECHO_CLUSTER_MS * ctx.fs / 1000)
+    gaps = clustering.echo_gaps(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
+                                max_window=max(echo_samples, cluster_samples, ctx.echo_window_samples),
+                                radius_um=ECHO_RADIUS_UM)
+    echo = gaps <= echo_samples
     labels = np.full(len(amps), -1, dtype=np.int64)
     labels[~echo] = clustering.cluster_spikes(locs[~echo, 0], z_reg[~echo], amps[~echo],
                                               amplitude_scale=AMPLITUDE_SCALE_UM)
@@ -348,16 +352,12 @@ def _cluster(ctx, detected, motion_info, feature_basis):
     labels = refinement.split_units(labels, locs[:, 0], z_reg, feats, times=detected.times_samples,
                                     amplitude_boundary=ctx.cfg.amplitude_scaling_boundary, refractory=refractory)
     n_split = labels.max() + 1
-    late_echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
-                                     window_samples=int(ECHO_CLUSTER_MS * ctx.fs / 1000), radius_um=ECHO_RADIUS_UM)
-    labels = clustering.drop_echo_clusters(labels, late_echo, ECHO_CLUSTER_FRACTION)
+    labels = clustering.drop_echo_clusters(labels, gaps <= cluster_samples, ECHO_CLUSTER_FRACTION)
     n_clean = len(np.unique(labels[labels >= 0]))
     labels = mixture.refine(labels, locs[:, 0], z_reg, feats, times=detected.times_samples,
                             amplitude_boundary=ctx.cfg.amplitude_scaling_boundary, refractory=refractory)
     n_mixture = len(np.unique(labels[labels >= 0]))
-    window_echo = clustering.echo_mask(detected.times_samples, detected.channels, amps, ctx.geometry.geom,
-                                       window_samples=ctx.echo_window_samples, radius_um=ECHO_RADIUS_UM)
-    labels = clustering.drop_echo_clusters(labels, window_echo, ECHO_CLUSTER_FRACTION)
+    labels = clustering.drop_echo_clusters(labels, gaps <= ctx.echo_window_samples, ECHO_CLUSTER_FRACTION)
     logger.info("dartsort: density clustering: %d clusters (%d echo events of bigger spikes left out); "
                 "%d after the split on registered features, %d echo clusters dropped, %d units after the "
                 "mixture refinement, %d echo clusters dropped", n_initial, echo.sum(), n_split, n_split - n_clean,

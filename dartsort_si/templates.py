@@ -61,12 +61,15 @@ class Templates:
     def n_units(self):
         return len(self.unit_ids)
 
+    def channel_ptps(self) -> np.ndarray:
+        """(K, R) peak-to-peak of each unit on each registered channel."""
+        return self.data.max(1) - self.data.min(1)
+
     def main_channels(self) -> np.ndarray:
-        ptps = self.data.max(1) - self.data.min(1)
-        return ptps.argmax(1) if self.n_units else np.zeros(0, int)
+        return self.channel_ptps().argmax(1) if self.n_units else np.zeros(0, int)
 
     def ptp(self) -> np.ndarray:
-        return (self.data.max(1) - self.data.min(1)).max(1) if self.n_units else np.zeros(0)
+        return self.channel_ptps().max(1) if self.n_units else np.zeros(0)
 
     def concat(self, other: "Templates") -> "Templates":
         return Templates(np.concatenate([self.data, other.data]), np.concatenate([self.unit_ids, other.unit_ids]),
@@ -79,7 +82,7 @@ class Templates:
         neighbour (zeroed there too, small units next to SNR-30 ones took 3-6x more false
         spikes; 60 s x 128 ch NP1)."""
         floor = NOISE_CHANNEL_FACTOR * NOISE_SNIPPET_PTP / np.sqrt(np.maximum(self.counts, 1))
-        ptps = self.data.max(1) - self.data.min(1)  # (K, R)
+        ptps = self.channel_ptps()
         near = cdist(rgeom[self.main_channels()], rgeom) <= radius_um
         keep = near | (ptps >= floor[:, None])
         data = np.where(keep[:, None, :], self.data, 0.0).astype(np.float32)

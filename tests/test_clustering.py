@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from dartsort_si.clustering import cluster_spikes, density_peak_clustering, echo_mask, split_clusters
+from dartsort_si.clustering import cluster_spikes, density_peak_clustering, echo_gaps, echo_mask, split_clusters
 
 
 def adjusted_rand_index(a, b):
@@ -188,3 +188,6 @@ def test_echo_mask_flags_small_events_next_to_big_ones():
     got = echo_mask(t, c, a, geom, window_samples=15, radius_um=150.0)
     assert got.tolist() == [False, True, False, False, False, False, False, False, True, False]
     assert not echo_mask(t[:0], c[:0], a[:0], geom, window_samples=15, radius_um=150.0).any()
+    # the gap to the nearest bigger event, so one pass serves every window
+    gaps = echo_gaps(t, c, a, geom, max_window=40, radius_um=150.0)
+    assert gaps.tolist() == [np.inf, 7, np.inf, np.inf, np.inf, 30, np.inf, np.inf, 10, np.inf]
