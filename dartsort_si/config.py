@@ -324,8 +324,12 @@ def from_dict(d: dict) -> DARTsortUserConfig:
     known = {f.name for f in fields(DARTsortUserConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, known, n=1))
+                 else repr(k) for k in unknown]
         raise ValueError(
-            f"Unknown DARTsortUserConfig field(s) {unknown}. Allowed fields: {sorted(known)}."
+            f"Unknown DARTsortUserConfig field(s): {', '.join(hints)}. Allowed fields: {sorted(known)}."
         )
     d = dict(d)
     # floats given as ints in TOML/JSON ("voltage_threshold = 4") are fine

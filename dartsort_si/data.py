@@ -137,8 +137,12 @@ class DARTsortSorting:
     """
 
     def __init__(self, *, times_samples, channels, labels=None, parent_h5_path=None,
-                 sampling_frequency=30000.0, persistent_features=None, ephemeral_features=None):
+                 sampling_frequency=30000.0, persistent_features=None, ephemeral_features=None,
+                 segment_lengths=None):
         self.times_samples = np.asarray(times_samples)
+        # samples per segment of a multi-segment recording, sorted as one concatenated time axis
+        # (times_samples); None: one segment
+        self.segment_lengths = None if segment_lengths is None else np.asarray(segment_lengths, dtype=np.int64)
         self.channels = np.asarray(channels)
         self.labels = None if labels is None else np.asarray(labels)
         self.parent_h5_path = None if parent_h5_path is None else Path(parent_h5_path)
@@ -209,18 +213,30 @@ class DARTsortSorting:
             raise ValueError("This sorting has no labels (unit assignments) yet.")
         return self.labels
 
+    def segment_times(self):
+        """(segment index, sample within that segment) of each spike."""
+        if self.segment_lengths is None:
+            return np.zeros(len(self), dtype=np.int64), self.times_samples.astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(self.segment_lengths)[:-1]])
+        segment = np.searchsorted(starts, self.times_samples, side="right") - 1
+        return segment, (self.times_samples - starts[segment]).astype(np.int64)
+
     def to_numpy_sorting(self):
-        """SpikeInterface NumpySorting; spikes with label < 0 (unassigned) are dropped."""
+        """SpikeInterface NumpySorting, one segment per recording segment; spikes with
+        label < 0 (unassigned) are dropped."""
         from spikeinterface.core import NumpySorting
 
         labels = self._labels_or_raise()
         keep = np.flatnonzero(labels >= 0)
         keep = keep[np.argsort(self.times_samples[keep], kind="stable")]
-        return NumpySorting.from_samples_and_labels(
-            [self.times_samples[keep].astype(np.int64)],
-            [labels[keep].astype(np.int64)],
-            self.sampling_frequency,
+        segment, times = self.segment_times()
+        n_segments = 1 if self.segment_lengths is None else len(self.segment_lengths)
+        in_seg = [keep[segment[keep] == s] for s in range(n_segments)]
+        sorting = NumpySorting.from_samples_and_labels(
+            [times[k] for k in in_seg], [labels[k].astype(np.int64) for k in in_seg], self.sampling_frequency,
+            unit_ids=self.unit_ids,
         )
+        return sorting
 
     def to_pandas(self):
         """DataFrame of times, channels, labels (-1 if none) and every 1-D per-spike feature."""
@@ -410,6 +426,8 @@ class DARTsortSorting:
             "channels": self.channels,
             "sampling_frequency": np.array(self.sampling_frequency),
         }
+        if self.segment_lengths is not None:
+            arrays["segment_lengths"] = self.segment_lengths
         if self.labels is not None:
             arrays["labels"] = self.labels
         if self.parent_h5_path is not None:
@@ -450,6 +468,7 @@ class DARTsortSorting:
             labels=data.get("labels"), parent_h5_path=h5_path,
             sampling_frequency=float(data["sampling_frequency"]),
             persistent_features=persistent, ephemeral_features=ephemeral,
+            segment_lengths=data.get("segment_lengths"),
         )
         if h5_path is not None and "h5_index" in data:
             sorting._h5_index = data["h5_index"]

@@ -421,6 +421,15 @@ def _check_length(model: nn.Module, spike_length_samples: int, where) -> None:
         )
 
 
+def check_denoiser_config(class_name: str, pretrained_path, spike_length_samples: int) -> None:
+    """Refuse, before any work, a denoiser that cannot run: a missing or broken model file, or
+    weights trained for another snippet length (loads the file on the CPU; seconds)."""
+    if pretrained_path is not None:
+        _check_length(load_pretrained_denoiser(pretrained_path, device="cpu"), spike_length_samples, pretrained_path)
+    elif class_name == "SingleChannelWaveformDenoiser":
+        _check_length(shipped_single_channel_denoiser(device="cpu"), spike_length_samples, SHIPPED_WEIGHTS_PATH)
+
+
 def make_denoiser(
     class_name: str,
     pretrained_path=None,

@@ -9,6 +9,13 @@ import numpy as np
 
 logger = logging.getLogger("dartsort_si")
 
+# DREDge's raster needs spikes in most time bins; below this a registration is noise
+MIN_MOTION_SPIKES = 100
+
+
+class TooFewSpikesForMotion(ValueError):
+    pass
+
 
 def estimate_motion(times_s, depths_um, amplitudes, cfg, geom=None, device=None, progress=True):
     """DREDge registration of (time, depth, amplitude) spikes; returns a dredge MotionEstimate.
@@ -30,8 +37,8 @@ def estimate_motion(times_s, depths_um, amplitudes, cfg, geom=None, device=None,
         pad = cfg.probe_boundary_padding_um
         with np.errstate(invalid="ignore"):
             ok &= (depths_um >= lo - pad) & (depths_um <= hi + pad)
-    if ok.sum() < 100:
-        raise ValueError(
+    if ok.sum() < MIN_MOTION_SPIKES:
+        raise TooFewSpikesForMotion(
             f"Only {ok.sum()} usable spikes for motion estimation; the recording may be too "
             "short or too quiet. Set do_motion_estimation=False to sort without motion correction."
         )

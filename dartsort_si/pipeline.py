@@ -19,7 +19,8 @@ import torch
 from . import __version__
 from .config import DARTsortUserConfig, load_config
 from .data import DARTsortSorting, MotionInfo
-from .preprocessing import check_recording, check_standardized, preprocess
+from .denoisers import check_denoiser_config
+from .preprocessing import check_recording, check_standardized, join_segments, preprocess, segment_lengths
 from .storage import atomic_write_json
 from .subtraction import Geometry, SnippetWindow
 
@@ -67,7 +68,9 @@ def dartsort(recording, output_dir, cfg=None, motion: MotionInfo | None = None, 
         raise ValueError(f"initial_detection must be one of {INITIAL_DETECTIONS}, not {initial_detection!r}.")
     _ensure_log_output()
     cfg = load_config(cfg)
-    check_recording(recording)
+    check_recording(recording, cfg.chunk_length_samples)
+    check_denoiser_config(cfg.nn_denoiser_class_name, cfg.nn_denoiser_pretrained_path,
+                          SnippetWindow.from_config(cfg, recording.sampling_frequency).length)
     output_dir = Path(output_dir).absolute()
     prepare_output_dir(output_dir, cfg, overwrite)
     if not cfg.work_in_tmpdir:
@@ -187,7 +190,7 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
 
     timer = Timer(out / "timings.json")
     with timer("preprocessing"):
-        rec = preprocess(recording, cfg.preprocessing, cfg.preprocessing_dtype)
+        rec = join_segments(preprocess(recording, cfg.preprocessing, cfg.preprocessing_dtype))
         check_standardized(rec)
         if cfg.copy_recording_to_tmpdir:
             rec = steps.copy_recording(rec, out, cfg, job_kwargs)
@@ -204,10 +207,16 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
     if cfg.dredge_only:
         return result
     sorting = steps.initial_clustering(ctx, detected, motion_info, models)
-    for i in range(1, cfg.matching_iterations + 1):
+    if sorting.n_units == 0:
+        # a quiet recording or one without units: an empty result, not an error
+        logger.warning("dartsort: no unit found (%d spikes detected above threshold); the sorting is empty. "
+                       "Check that the recording holds spikes and that voltage_threshold (%s) suits it.",
+                       len(detected), cfg.voltage_threshold)
+    for i in range(1, cfg.matching_iterations + 1 if sorting.n_units else 1):
         sorting = steps.match(ctx, sorting, motion_info, i)
     final = out / "dartsort_sorting.npz"
     if not final.exists():
+        sorting.segment_lengths = segment_lengths(recording)
         sorting.save(final)
     result["sorting"] = DARTsortSorting.load(final)
     logger.info("dartsort: %d units, %d spikes. Timings: %s", result["sorting"].n_units,

@@ -16,18 +16,12 @@ logger = logging.getLogger("dartsort_si")
 MIN_DURATION_S = 1.0
 
 
-def check_recording(recording):
+def check_recording(recording, chunk_length_samples: int | None = None):
     """Refuse input we cannot sort, with a message that says what to do."""
     from spikeinterface.core import BaseRecording
 
     if not isinstance(recording, BaseRecording):
         raise TypeError(f"dartsort needs a SpikeInterface recording, got {type(recording).__name__}.")
-    if recording.get_num_segments() != 1:
-        raise ValueError(
-            f"dartsort sorts single-segment recordings; this one has {recording.get_num_segments()} "
-            "segments. Concatenate them first (spikeinterface.concatenate_recordings) or sort "
-            "each segment (recording.select_segments([i]))."
-        )
     if not recording.has_probe() and recording.get_property("location") is None:
         raise ValueError(
             "The recording has no probe / channel locations. Attach one with "
@@ -48,6 +42,30 @@ def check_recording(recording):
         raise ValueError(
             f"The recording is {duration:.2f} s long; dartsort needs at least {MIN_DURATION_S} s."
         )
+    n = recording.get_total_samples()
+    if chunk_length_samples is not None and n < chunk_length_samples:
+        raise ValueError(
+            f"The recording ({n} samples) is shorter than one chunk (chunk_length_samples="
+            f"{chunk_length_samples}); pass a smaller chunk_length_samples (or chunk_duration in "
+            "run_sorter), at most the recording's length."
+        )
+
+
+def join_segments(rec):
+    """One time axis for a multi-segment recording: its segments end to end, each preprocessed
+    on its own first (filters do not run across a gap). Units are the same neurons in every
+    segment, so they are sorted together; segment_lengths maps spike times back."""
+    if rec.get_num_segments() == 1:
+        return rec
+    from spikeinterface.core import concatenate_recordings
+
+    logger.info("Sorting %d segments together (%s samples).", rec.get_num_segments(),
+                ", ".join(str(n) for n in segment_lengths(rec)))
+    return concatenate_recordings([rec])
+
+
+def segment_lengths(rec):
+    return np.array([rec.get_num_samples(i) for i in range(rec.get_num_segments())], dtype=np.int64)
 
 
 def preprocess(recording, preprocessing: str, dtype: str = "float32"):

@@ -27,7 +27,7 @@ class DARTsortSorter(BaseSorter):
     requires_locations = True
     gpu_capability = "nvidia-optional"
     requires_binary_data = False
-    handle_multi_segment = False
+    handle_multi_segment = True  # segments are sorted together on one time axis (join_segments)
     compatible_with_parallel = {"loky": True, "multiprocessing": True, "threading": False}
     sorter_description = (
         "dartsort-si: the DARTsort algorithm (drift-aware registration, NN-denoised "

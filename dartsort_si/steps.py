@@ -17,7 +17,7 @@ from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
 from .matching import TemplateMatcher, time_locked_echoes
-from .motion import estimate_motion, plot_drift_raster
+from .motion import TooFewSpikesForMotion, estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
 from .subtraction import Denoiser, SubtractionPeeler, ThresholdDetector
@@ -288,7 +288,12 @@ def motion_step(ctx, detected, motion, si_motion, dredge_motion_est) -> MotionIn
                                               probe_boundary_padding_um=pad)
         elif ctx.cfg.do_motion_estimation:
             t, depths, amps = motion_spikes(ctx, detected)
-            me = estimate_motion(t / ctx.fs, depths, amps, ctx.cfg, geom=geom, device=str(ctx.device))
+            try:
+                me = estimate_motion(t / ctx.fs, depths, amps, ctx.cfg, geom=geom, device=str(ctx.device))
+            except TooFewSpikesForMotion as err:
+                # a quiet recording still gets sorted (or an empty sorting), just not registered
+                logger.warning("dartsort: %s Sorting without motion correction.", str(err).split(";")[0])
+                me = None
             info = MotionInfo.from_motion_est(geom=geom, dredge_motion_est=me, probe_boundary_padding_um=pad)
         else:
             info = MotionInfo.from_motion_est(geom=geom, probe_boundary_padding_um=pad)
@@ -297,7 +302,8 @@ def motion_step(ctx, detected, motion, si_motion, dredge_motion_est) -> MotionIn
         t = detected.times_samples / ctx.fs
         locs = detected.point_source_localizations
         try:
-            plot_drift_raster(ctx.out / "drift_raster.png", t, locs[:, 2], detected.denoised_ptp_amplitudes, info)
+            if len(detected):
+                plot_drift_raster(ctx.out / "drift_raster.png", t, locs[:, 2], detected.denoised_ptp_amplitudes, info)
         except Exception as err:  # a plot must never cost the sort
             logger.warning("dartsort: drift raster plot failed: %s", err)
         info.save(path)
@@ -331,6 +337,8 @@ def _cluster(ctx, detected, motion_info, feature_basis):
     log amplitude), a split on registered waveform features (refinement.split_units), echo
     clusters dropped, the Gaussian-mixture refinement (mixture.refine), and drift pieces
     joined into units (refinement.drift_piece_units)."""
+    if len(detected) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     locs = detected.point_source_localizations
     z_reg = motion_info.correct_s(detected.times_samples / ctx.fs, locs[:, 2])
     amps = detected.denoised_ptp_amplitudes

@@ -44,7 +44,7 @@ def test_validation_errors_name_field_and_allowed_values(kwargs, words):
 
 
 def test_unknown_key_is_refused():
-    with pytest.raises(ValueError, match="voltage_treshold"):
+    with pytest.raises(ValueError, match="'voltage_treshold' \\(did you mean 'voltage_threshold'\\?\\)"):
         load_config({"voltage_treshold": 4.0})
 
 

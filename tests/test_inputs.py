@@ -7,6 +7,8 @@ import spikeinterface.full as si
 from dartsort_si import dartsort
 from dartsort_si.ground_truth import neuropixels_probe
 
+from conftest import FAST_PARAMS
+
 
 def _rec(duration=2.0, n_channels=16, scale=1.0, seed=0):
     rng = np.random.default_rng(seed)
@@ -25,12 +27,29 @@ def test_no_probe(tmp_path):
         dartsort(rec, tmp_path / "out")
 
 
-def test_multi_segment(tmp_path):
-    rng = np.random.default_rng(0)
-    rec = with_probe(si.NumpyRecording([rng.standard_normal((60000, 16)).astype("float32")] * 2,
-                                       sampling_frequency=30000.0))
-    with pytest.raises(ValueError, match="2 segments"):
-        dartsort(rec, tmp_path / "out")
+def _lab_recording(seed=0, **kwargs):
+    """SpikeInterface's own generator with its default unit and template parameters."""
+    kw = dict(durations=[10.0], num_channels=32, num_units=6, seed=seed, sampling_frequency=30000.0)
+    kw.update(kwargs)
+    return si.generate_ground_truth_recording(**kw)
+
+
+def _well_detected(gt, sorting):
+    cmp = si.compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True)
+    return int(cmp.count_well_detected_units(0.8))
+
+
+def test_segments_are_sorted_together_with_times_per_segment(tmp_path):
+    rec, gt = _lab_recording(durations=[8.0, 6.0])
+    rec = rec.save(folder=tmp_path / "rec", n_jobs=1, progress_bar=False)
+    sorting = si.run_sorter("dartsort", rec, folder=tmp_path / "s", verbose=False, **FAST_PARAMS)
+    assert sorting.get_num_segments() == 2
+    for s in range(2):
+        times = sorting.to_spike_vector()
+        seg_times = times["sample_index"][times["segment_index"] == s]
+        assert len(seg_times) > 0 and seg_times.max() < rec.get_num_samples(s)
+    # the same unit ids across segments, and units found in both: they are one time axis
+    assert _well_detected(gt, sorting) >= 4
 
 
 def test_too_short(tmp_path):
@@ -79,4 +98,30 @@ def test_bad_device(tmp_path):
 def test_unknown_initial_detection_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="initial_detection must be one of"):
         dartsort(_rec(), tmp_path / "out", initial_detection="nn")
+    assert not (tmp_path / "out").exists()
+
+
+def test_recording_without_spikes_gives_an_empty_sorting_and_a_warning(tmp_path, caplog):
+    noise = with_probe(si.generate_recording(num_channels=16, durations=[4.0], sampling_frequency=30000.0, seed=0))
+    with caplog.at_level("WARNING", logger="dartsort_si"):
+        res = dartsort(noise, tmp_path / "out", cfg=FAST_PARAMS)
+    assert res["sorting"].n_units == 0
+    assert any("no unit found" in r.getMessage() for r in caplog.records)
+    sorting = res["sorting"].to_numpy_sorting()
+    assert sorting.get_num_units() == 0 and sorting.get_num_segments() == 1
+
+
+@pytest.mark.parametrize("content, words", [(None, "not found"), (b"not a model", "Could not load")])
+def test_bad_pretrained_model_is_refused_before_anything_is_written(tmp_path, content, words):
+    path = tmp_path / "model.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=words):
+        dartsort(_rec(), tmp_path / "out", cfg=dict(nn_denoiser_pretrained_path=str(path)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_shorter_than_one_chunk_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="shorter than one chunk.*chunk_length_samples"):
+        dartsort(_rec(duration=1.5), tmp_path / "out", cfg=dict(chunk_length_samples=60000))
     assert not (tmp_path / "out").exists()
