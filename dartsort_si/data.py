@@ -22,6 +22,8 @@ import h5py
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .storage import atomic_path, record_size
+
 CORE_NAMES = ("times_samples", "channels", "labels")
 PROBE_DATASETS = ("geom", "channel_index")
 SORTING_FORMAT = "dartsort_si.DARTsortSorting/1"
@@ -37,15 +39,8 @@ _FULL_EXTRA = "pip install 'dartsort-si[full]'"
 
 def _atomic_write(path, write_fn):
     """Call write_fn(tmp_path) then rename over `path`, so readers never see a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _savez(path, arrays):
@@ -324,6 +319,7 @@ class DARTsortSorting:
                     if name in h5:
                         del h5[name]
                     h5.create_dataset(name, data=feature)
+                record_size(self.parent_h5_path)  # a changed size is ours, not damage
                 self.persistent_features[name] = feature
                 self.ephemeral_features.pop(name, None)
                 return

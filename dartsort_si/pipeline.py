@@ -21,7 +21,7 @@ from .config import DARTsortUserConfig, load_config
 from .data import DARTsortSorting, MotionInfo
 from .denoisers import check_denoiser_config
 from .preprocessing import check_recording, check_standardized, join_segments, preprocess, segment_lengths
-from .storage import atomic_write_json
+from .storage import atomic_write_json, drop_damaged, start_manifest
 from .subtraction import Geometry, SnippetWindow
 
 logger = logging.getLogger("dartsort_si")
@@ -119,6 +119,8 @@ def prepare_output_dir(output_dir: Path, cfg: DARTsortUserConfig, overwrite: boo
             )
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"dartsort_si_version": __version__, "config": cfg.to_dict()})
+    start_manifest(output_dir)
+    drop_damaged(output_dir)
 
 
 def job_kwargs_from_config(cfg: DARTsortUserConfig, device: torch.device) -> dict:

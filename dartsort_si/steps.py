@@ -218,11 +218,13 @@ def _subtract(ctx, models, path):
         denoised_ptp_amplitude_vectors=amp_vecs[order],
         collisioncleaned_tpca_features=feats[order],
     )
+    # before the h5: a resume that finds subtraction.h5 must find its coverage too
+    with atomic_path(ctx.out / "subtraction_coverage.txt") as tmp:
+        tmp.write_text(f"{done} / {len(slices)} chunks\n")
     write_peeling_hdf5(path, times_samples=peaks["sample_index"][order],
                        channels=peaks["channel_index"][order], sampling_frequency=ctx.fs,
                        geom=ctx.geometry.geom,
                        channel_index=ctx.geometry.featurization_index.cpu().numpy(), features=features)
-    (ctx.out / "subtraction_coverage.txt").write_text(f"{done} / {len(slices)} chunks\n")
     logger.info("dartsort: subtraction found %d spikes in %d of %d chunks", len(peaks), done, len(slices))
 
 
