@@ -231,6 +231,12 @@ class DARTsortSorting:
             [times[k] for k in in_seg], [labels[k].astype(np.int64) for k in in_seg], self.sampling_frequency,
             unit_ids=self.unit_ids,
         )
+        # NumpySorting counts segments up to the last one holding a spike; trailing empty
+        # segments (or an empty sorting) must still be there to match the recording
+        from spikeinterface.core.numpyextractors import SpikeVectorSortingSegment
+
+        for s in range(sorting.get_num_segments(), n_segments):
+            sorting.add_sorting_segment(SpikeVectorSortingSegment(sorting.to_spike_vector(), s, sorting.unit_ids))
         return sorting
 
     def to_pandas(self):

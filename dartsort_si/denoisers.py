@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 SHIPPED_WEIGHTS_PATH = Path(__file__).parent / "pretrained" / "single_channel_denoiser.pt"
+# the shipped weights were trained on 30 kHz snippets (scripts/train_single_channel_denoiser.py)
+SHIPPED_RATE_HZ = 30000.0
 CLASS_NAMES = ("SingleChannelWaveformDenoiser", "Decollider")
 # Decollider training keeps signal rows peaking within this many samples of the detection time
 CENTRE_SLACK_SAMPLES = 6
@@ -421,13 +423,42 @@ def _check_length(model: nn.Module, spike_length_samples: int, where) -> None:
         )
 
 
-def check_denoiser_config(class_name: str, pretrained_path, spike_length_samples: int) -> None:
+class Resampled(nn.Module):
+    """A single-channel denoiser trained at 30 kHz used at another sampling rate on the same
+    window in ms: snippets are resampled (linear) to the model's length and back."""
+
+    def __init__(self, model: nn.Module, spike_length_samples: int):
+        super().__init__()
+        self.model = model
+        self.spike_length_samples = int(spike_length_samples)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.model.spike_length_samples
+        y = F.interpolate(x[:, None], size=n, mode="linear", align_corners=True)
+        y = self.model(y[:, 0])
+        return F.interpolate(y[:, None], size=x.shape[1], mode="linear", align_corners=True)[:, 0]
+
+
+def _shipped_at_rate(spike_length_samples: int, sampling_frequency: float, device=None) -> nn.Module:
+    """The shipped weights (121 samples at 30 kHz, the default window), resampled when the
+    same window in ms has another length at this sampling rate."""
+    model = shipped_single_channel_denoiser(device=device)
+    n = model.spike_length_samples
+    window_ms, model_ms = spike_length_samples / sampling_frequency * 1000, n / SHIPPED_RATE_HZ * 1000
+    if spike_length_samples != n and abs(window_ms - model_ms) <= 1.5 * 1000 / sampling_frequency:
+        return Resampled(model, spike_length_samples).to(resolve_device(device))
+    _check_length(model, spike_length_samples, SHIPPED_WEIGHTS_PATH)
+    return model
+
+
+def check_denoiser_config(class_name: str, pretrained_path, spike_length_samples: int,
+                          sampling_frequency: float = SHIPPED_RATE_HZ) -> None:
     """Refuse, before any work, a denoiser that cannot run: a missing or broken model file, or
     weights trained for another snippet length (loads the file on the CPU; seconds)."""
     if pretrained_path is not None:
         _check_length(load_pretrained_denoiser(pretrained_path, device="cpu"), spike_length_samples, pretrained_path)
     elif class_name == "SingleChannelWaveformDenoiser":
-        _check_length(shipped_single_channel_denoiser(device="cpu"), spike_length_samples, SHIPPED_WEIGHTS_PATH)
+        _shipped_at_rate(spike_length_samples, sampling_frequency, device="cpu")
 
 
 def make_denoiser(
@@ -437,6 +468,7 @@ def make_denoiser(
     train_waveforms=None,
     noise_snippets=None,
     spike_length_samples: int = 121,
+    sampling_frequency: float = SHIPPED_RATE_HZ,
     device=None,
     max_seconds: float = 60.0,
     max_epochs: int = 200,
@@ -460,9 +492,7 @@ def make_denoiser(
         _check_length(model, spike_length_samples, pretrained_path)
         return model
     if class_name == "SingleChannelWaveformDenoiser":
-        model = shipped_single_channel_denoiser(device=device)
-        _check_length(model, spike_length_samples, SHIPPED_WEIGHTS_PATH)
-        return model
+        return _shipped_at_rate(spike_length_samples, sampling_frequency, device=device)
     if train_waveforms is None or noise_snippets is None:
         raise ValueError(
             "Decollider without nn_denoiser_pretrained_path is trained on the recording: "

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -70,7 +71,8 @@ def dartsort(recording, output_dir, cfg=None, motion: MotionInfo | None = None, 
     cfg = load_config(cfg)
     check_recording(recording, cfg.chunk_length_samples)
     check_denoiser_config(cfg.nn_denoiser_class_name, cfg.nn_denoiser_pretrained_path,
-                          SnippetWindow.from_config(cfg, recording.sampling_frequency).length)
+                          SnippetWindow.from_config(cfg, recording.sampling_frequency).length,
+                          recording.sampling_frequency)
     output_dir = Path(output_dir).absolute()
     prepare_output_dir(output_dir, cfg, overwrite)
     if not cfg.work_in_tmpdir:
@@ -172,6 +174,16 @@ class Timer:
 
 # -- the steps
 
+def _empty_result(recording, final, why) -> DARTsortReturn:
+    logger.warning("dartsort: %s", why)
+    if not final.exists():
+        DARTsortSorting(times_samples=np.zeros(0, np.int64), channels=np.zeros(0, np.int64),
+                        labels=np.zeros(0, np.int64), sampling_frequency=recording.sampling_frequency,
+                        segment_lengths=segment_lengths(recording),
+                        ephemeral_features=dict(point_source_localizations=np.zeros((0, 4)))).save(final)
+    return DARTsortReturn(sorting=DARTsortSorting.load(final), motion=None, si_motion=None)
+
+
 def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est, initial_detection) -> DARTsortReturn:
     device = resolve_device(cfg)
     job_kwargs = job_kwargs_from_config(cfg, device)
@@ -201,7 +213,11 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
     geometry = Geometry.build(geom, cfg, device)
     ctx = steps.Context(rec, out, cfg, device, job_kwargs, geometry, window, timer, initial_detection)
 
-    models = steps.fit_models(ctx)
+    final = out / "dartsort_sorting.npz"
+    try:
+        models = steps.fit_models(ctx)
+    except steps.NoSpikes as err:
+        return _empty_result(recording, final, f"{err} The sorting is empty.")
     detected = steps.subtract(ctx, models)
     motion_info = steps.motion_step(ctx, detected, motion, si_motion, dredge_motion_est)
     result = DARTsortReturn(sorting=None, motion=motion_info if motion_info.drifting else None,
@@ -216,7 +232,6 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
                        len(detected), cfg.voltage_threshold)
     for i in range(1, cfg.matching_iterations + 1 if sorting.n_units else 1):
         sorting = steps.match(ctx, sorting, motion_info, i)
-    final = out / "dartsort_sorting.npz"
     if not final.exists():
         sorting.segment_lengths = segment_lengths(recording)
         sorting.save(final)

@@ -140,6 +140,10 @@ def decollider_budget_s(duration_s):
     return float(np.clip(0.5 * duration_s, 30.0, DECOLLIDER_MAX_SECONDS))
 
 
+class NoSpikes(ValueError):
+    """Too few threshold crossings to fit anything: the sort ends with an empty sorting."""
+
+
 def fit_models(ctx):
     path = ctx.out / "models.pt"
     if path.exists():
@@ -147,7 +151,7 @@ def fit_models(ctx):
     with ctx.timer("fit_models"):
         spikes, noise = sample_snippets(ctx)
         if len(spikes) < 10:
-            raise ValueError(
+            raise NoSpikes(
                 f"Only {len(spikes)} threshold crossings at voltage_threshold="
                 f"{ctx.cfg.voltage_threshold} in the sampled chunks: nothing to sort."
             )
@@ -159,7 +163,7 @@ def fit_models(ctx):
                                           ctx.cfg.temporal_pca_rank)
         nn = make_denoiser(ctx.cfg.nn_denoiser_class_name, ctx.cfg.nn_denoiser_pretrained_path,
                            train_waveforms=spikes.numpy(), noise_snippets=noise.numpy(),
-                           spike_length_samples=w.length, device=ctx.device,
+                           spike_length_samples=w.length, sampling_frequency=ctx.fs, device=ctx.device,
                            max_seconds=decollider_budget_s(ctx.rec.get_total_duration()),
                            max_epochs=DECOLLIDER_EPOCHS, learning_rate=DECOLLIDER_LEARNING_RATE)
         models = dict(tpca=tpca.state(), feature_tpca=feature_tpca.state(), nn=nn.cpu())

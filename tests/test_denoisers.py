@@ -230,3 +230,25 @@ def test_decollider_leaves_colliding_neighbours_out(simulated):
     print(f"off-centre spike kept: plain noisier-to-noisy {r_plain:.2f}, ours {r_ours:.2f}")
     assert r_ours < 0.25
     assert r_ours < r_plain
+
+
+def test_shipped_denoiser_runs_at_other_sampling_rates_on_the_same_window():
+    import torch.nn.functional as F
+
+    from dartsort_si.denoisers import Resampled, make_denoiser
+
+    torch.manual_seed(0)
+    t = torch.arange(121.0)
+    spike = -10 * torch.exp(-(((t - 42) / 4.0) ** 2)) + 3 * torch.exp(-(((t - 60) / 10.0) ** 2))
+    for fs, n in [(20000.0, 81), (15000.0, 60), (50000.0, 202)]:
+        model = make_denoiser("SingleChannelWaveformDenoiser", spike_length_samples=n, sampling_frequency=fs)
+        assert isinstance(model, Resampled)
+        clean = F.interpolate(spike[None, None], size=n, mode="linear", align_corners=True)[0]
+        noisy = clean + torch.randn(200, n)
+        with torch.no_grad():
+            out = model(noisy)
+        assert out.shape == noisy.shape
+        assert (out - clean).norm(dim=1).mean() < 0.6 * (noisy - clean).norm(dim=1).mean(), fs
+    # another window in ms is not the model's: refused, naming the fix
+    with pytest.raises(ValueError, match="Decollider"):
+        make_denoiser("SingleChannelWaveformDenoiser", spike_length_samples=50, sampling_frequency=20000.0)
