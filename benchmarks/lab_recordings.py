@@ -7,7 +7,7 @@ Cases (SpikeInterface's `generate_ground_truth_recording`, default unit and temp
     fs15k, fs20k, fs50k   32 ch, 20 s, 8 units at 15, 20 and 50 kHz
     tetrode               4 ch tetrode, 20 s, 3 units
     linear16              16 ch single-column probe (irregular pitch), 20 s, 5 units
-    dead_noisy            32 ch, 20 s, 8 units; one flat channel and one channel with 10x the noise
+    dead_noisy            32 ch, 20 s, 8 units; one flat channel, one with 10x the noise, one clipped
     int16_gains           32 ch, 20 s, 8 units, stored as int16 with gains to uV
     two_segments          32 ch, two segments of 15 s, 8 units
     noise_only            32 ch, 20 s, no units (the sort must end with an empty sorting)
@@ -53,7 +53,7 @@ def make_case(name: str, seed: int):
         kw.update(num_channels=4, num_units=3, probe=probe)
     elif name == "linear16":
         # contacts 20 um apart except two 40 um gaps: a layout no template grid assumes
-        y = np.cumsum([0] + [20] * 5 + [40] + [20] * 5 + [40] + [20] * 2).astype(float)
+        y = np.cumsum([0] + [20] * 5 + [40] + [20] * 5 + [40] + [20] * 3).astype(float)
         probe = pi.Probe(ndim=2)
         probe.set_contacts(positions=np.c_[np.zeros(16), y], shapes="circle", shape_params={"radius": 6})
         probe.set_device_channel_indices(np.arange(16))
@@ -71,6 +71,8 @@ def make_case(name: str, seed: int):
         traces = rec.get_traces().copy()
         traces[:, 5] = 0.0
         traces[:, 20] *= 10.0
+        rail = 1.5 * traces[:, 12].std()  # an amplifier clipping channel 12 at +-1.5 sd
+        traces[:, 12] = np.clip(traces[:, 12], -rail, rail)
         rec = _with_probe(si.NumpyRecording(traces, rec.sampling_frequency), rec.get_probe())
     elif name == "int16_gains":
         gain = 0.195

@@ -99,8 +99,13 @@ class Decollider(SingleChannelWaveformDenoiser):
     """
 
     def noisier_to_noisy(self, z: torch.Tensor) -> torch.Tensor:
-        """f(z) = (z + g(z)) / 2, the training-time prediction of y from z."""
-        return 0.5 * (z + self(z))
+        return noisier_to_noisy(self, z)
+
+
+def noisier_to_noisy(g: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """f(z) = (z + g(z)) / 2, the training-time prediction of y from z (g: a Decollider, or
+    one wrapped in `Resampled`)."""
+    return 0.5 * (z + g(z))
 
 
 # ----------------------------------------------------------------------------
@@ -235,7 +240,8 @@ def fit_decollider(
     progress: bool = True,
     collision_rate: float = 0.3,
     centred_only: bool = True,
-) -> Decollider:
+    sampling_frequency: float = SHIPPED_RATE_HZ,
+) -> nn.Module:
     """Train a `Decollider` on this recording's snippets, unsupervised.
 
     waveforms: (N, T, K) detected snippets (NaN on padded channels).
@@ -248,7 +254,11 @@ def fit_decollider(
     learns to leave colliding neighbours out of its output.
     Stops after `max_epochs` passes or `max_seconds`, whichever comes first.
     `init_from_shipped` starts g from the shipped supervised weights when the
-    snippet length matches, so even a short budget gives a decent net.
+    window is the shipped one (121 samples at 30 kHz, or the same window in ms at
+    `sampling_frequency`: then g is trained through `Resampled`), so even a short
+    budget gives a decent net. From random weights, a small recording's few spikes
+    do not suffice: on a 20 s tetrode at 25 kHz the net shrank spikes 5-7x and
+    subtraction took each spike 3-4 times.
     `num_threads`: torch CPU threads while training (restored afterwards; None
     leaves them alone). The batches are tiny, so extra threads mostly add
     synchronisation; on a busy 2-core machine 1 thread ran ~10x more steps.
@@ -271,12 +281,7 @@ def fit_decollider(
     noise = noise[~torch.isnan(noise).any(dim=1)]
     y_all = torch.as_tensor(rows)
 
-    model = Decollider(spike_length_samples=t)
-    if init_from_shipped and SHIPPED_WEIGHTS_PATH.exists():
-        shipped = shipped_single_channel_denoiser(device="cpu")
-        if shipped.spike_length_samples == t and shipped.init_kwargs() == model.init_kwargs():
-            model.load_state_dict(shipped.state_dict())
-    model.to(device)
+    model = _decollider_init(t, sampling_frequency, init_from_shipped).to(device)
     with _cpu_threads(num_threads, device):
         # clean estimates of the training spikes, to plant as off-centre collisions
         clean_bank = denoise_waveforms(model.eval(), y_all[:, :, None], device=device)[:, :, 0].cpu()
@@ -287,6 +292,18 @@ def fit_decollider(
             progress, collision_rate,
         )
     return model.eval()
+
+
+def _decollider_init(t: int, sampling_frequency: float, init_from_shipped: bool) -> nn.Module:
+    """A Decollider for t-sample snippets, from the shipped weights where they apply."""
+    if init_from_shipped and SHIPPED_WEIGHTS_PATH.exists():
+        shipped = _shipped_at_rate(t, sampling_frequency, device="cpu", strict=False)
+        if shipped is not None:
+            inner = shipped.model if isinstance(shipped, Resampled) else shipped
+            model = Decollider(**inner.init_kwargs())
+            model.load_state_dict(inner.state_dict())
+            return Resampled(model, t) if isinstance(shipped, Resampled) else model
+    return Decollider(spike_length_samples=t)
 
 
 @contextlib.contextmanager
@@ -336,7 +353,7 @@ def _train_noisier_to_noisy(
             y = y_all[order[start : start + batch_size]]
             c = _off_centre(clean_bank, len(y), collision_rate, gen)
             z = y + c + _noise_windows(noise, len(y), t, gen)
-            loss = F.mse_loss(model.noisier_to_noisy(z.to(device)), (y + 0.5 * c).to(device))
+            loss = F.mse_loss(noisier_to_noisy(model, z.to(device)), (y + 0.5 * c).to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -439,16 +456,21 @@ class Resampled(nn.Module):
         return F.interpolate(y[:, None], size=x.shape[1], mode="linear", align_corners=True)[:, 0]
 
 
-def _shipped_at_rate(spike_length_samples: int, sampling_frequency: float, device=None) -> nn.Module:
+def _shipped_at_rate(spike_length_samples: int, sampling_frequency: float, device=None,
+                     strict: bool = True) -> nn.Module | None:
     """The shipped weights (121 samples at 30 kHz, the default window), resampled when the
-    same window in ms has another length at this sampling rate."""
+    same window in ms has another length at this sampling rate. Another window: an error
+    (strict) or None."""
     model = shipped_single_channel_denoiser(device=device)
     n = model.spike_length_samples
+    if spike_length_samples == n:
+        return model
     window_ms, model_ms = spike_length_samples / sampling_frequency * 1000, n / SHIPPED_RATE_HZ * 1000
-    if spike_length_samples != n and abs(window_ms - model_ms) <= 1.5 * 1000 / sampling_frequency:
+    if abs(window_ms - model_ms) <= 1.5 * 1000 / sampling_frequency:
         return Resampled(model, spike_length_samples).to(resolve_device(device))
-    _check_length(model, spike_length_samples, SHIPPED_WEIGHTS_PATH)
-    return model
+    if strict:
+        _check_length(model, spike_length_samples, SHIPPED_WEIGHTS_PATH)
+    return None
 
 
 def check_denoiser_config(class_name: str, pretrained_path, spike_length_samples: int,
@@ -507,4 +529,5 @@ def make_denoiser(
         learning_rate=learning_rate,
         device=device,
         progress=progress,
+        sampling_frequency=sampling_frequency,
     )

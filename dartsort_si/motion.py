@@ -13,8 +13,27 @@ logger = logging.getLogger("dartsort_si")
 MIN_MOTION_SPIKES = 100
 
 
-class TooFewSpikesForMotion(ValueError):
+# DREDge registers depth histograms of spikes; on a probe shorter than this the histogram has
+# no structure to align (a 20 um tetrode got displacements of -50..+62 um on a static recording,
+# and the registered templates then mixed its units: 0 of 3 found, 3 of 3 without it)
+MIN_PROBE_SPAN_UM = 100.0
+
+
+class MotionNotEstimable(ValueError):
+    """The sort goes on without motion correction."""
+
+
+class TooFewSpikesForMotion(MotionNotEstimable):
     pass
+
+
+def check_probe_span(geom):
+    span = float(np.ptp(geom[:, 1])) if len(geom) else 0.0
+    if span < MIN_PROBE_SPAN_UM:
+        raise MotionNotEstimable(
+            f"The probe spans {span:.0f} um in depth, too short to estimate drift (needs "
+            f"{MIN_PROBE_SPAN_UM:.0f} um); set do_motion_estimation=False to silence this."
+        )
 
 
 def estimate_motion(times_s, depths_um, amplitudes, cfg, geom=None, device=None, progress=True):
@@ -28,6 +47,8 @@ def estimate_motion(times_s, depths_um, amplitudes, cfg, geom=None, device=None,
     import dredge
     from dredge.motion_util import speed_limit_filter
 
+    if geom is not None:
+        check_probe_span(geom)
     ok = np.isfinite(depths_um) & np.isfinite(amplitudes) & (amplitudes > 0)
     if geom is not None:
         # DREDge sizes its depth raster (and places its non-rigid windows) on the

@@ -14,6 +14,19 @@ import numpy as np
 logger = logging.getLogger("dartsort_si")
 
 MIN_DURATION_S = 1.0
+# a channel whose noise is under 10% of the median channel's carries no signal (dead or
+# disconnected); real low-impedance channels on Neuropixels sit within 0.5-2x of the median
+DEAD_NOISE_RATIO = 0.1
+# clipped channels sit at their rail for a large share of samples; on unclipped noise the
+# extreme value occurs about once per chunk (1e-4 of samples or less at 10000-sample chunks)
+SATURATED_FRACTION = 0.002
+# common median reference: a spike's footprint (amplitude over ~30% of its peak) and the largest
+# share of channels it may cover. Measured on SpikeInterface's generator (benchmarks/
+# lab_recordings.py, seed 1): on the tetrode the median reference cut units' troughs 1.5-3x
+# (20.6 -> 14.3, 11.3 -> 3.8 noise sd); on 32-ch two-column (31% covered) and 16-ch linear
+# probes it changed them by under 10%.
+CMR_FOOTPRINT_UM = 50.0
+CMR_MAX_COVERED = 0.4
 
 
 def check_recording(recording, chunk_length_samples: int | None = None):
@@ -77,15 +90,30 @@ def preprocess(recording, preprocessing: str, dtype: str = "float32"):
     rec = recording
     if np.dtype(rec.get_dtype()).kind in "iu":
         rec = spre.astype(rec, "float32")
+    saturated = saturated_channels(rec)
     if preprocessing in ("ibllike", "ibllikecmr"):
         rec = spre.highpass_filter(rec, freq_min=300.0)
         if rec.get_property("inter_sample_shift") is not None:
             rec = spre.phase_shift(rec)
-        rec = _interpolate_bad_channels(rec)
-        if preprocessing == "ibllikecmr":
-            rec = spre.common_reference(rec, operator="median", reference="global")
+    rec = leave_out_bad_channels(rec, saturated)
+    if preprocessing == "ibllikecmr" and cmr_keeps_spikes(rec):
+        rec = spre.common_reference(rec, operator="median", reference="global")
     rec = _standardize(rec)
     return spre.astype(rec, dtype) if dtype != "float32" else rec
+
+
+def cmr_keeps_spikes(rec) -> bool:
+    """The global median is blind to a spike only if the spike covers under half the channels.
+    On a tetrode or a small dense probe one spike is on most channels, so the median holds
+    it and subtracting the median erases it: there the common reference is skipped."""
+    loc = rec.get_channel_locations()
+    dist = np.linalg.norm(loc[:, None] - loc[None], axis=-1)
+    covered = float((dist <= CMR_FOOTPRINT_UM).mean(axis=1).max())
+    if covered > CMR_MAX_COVERED:
+        logger.info("Common median reference skipped: one spike covers up to %.0f%% of this probe's "
+                    "channels, so the median would hold the spikes.", 100 * covered)
+        return False
+    return True
 
 
 def _standardize(rec):
@@ -98,21 +126,60 @@ def _standardize(rec):
     return spre.scale(rec, gain=1.0 / noise, dtype="float32")
 
 
-def _interpolate_bad_channels(rec):
+def saturated_channels(rec) -> np.ndarray:
+    """Indices of channels clipped at the amplifier's rail: many raw samples sit exactly at the
+    channel's extreme value (noise reaches its own maximum about once)."""
+    from spikeinterface.core import get_random_data_chunks
+
+    chunks = get_random_data_chunks(rec, return_in_uV=False, **_noise_slices(rec))
+    at_max = (chunks == chunks.max(axis=0)).mean(axis=0)
+    at_min = (chunks == chunks.min(axis=0)).mean(axis=0)
+    flat = chunks.max(axis=0) == chunks.min(axis=0)  # dead, not saturated
+    return np.flatnonzero((np.maximum(at_max, at_min) > SATURATED_FRACTION) & ~flat)
+
+
+def bad_channels(rec, saturated=()) -> dict[str, np.ndarray]:
+    """Channel indices by reason: 'dead' (noise under DEAD_NOISE_RATIO of the median channel's),
+    'noisy' (SpikeInterface's MAD rule: noise over median + 5 MADs, or the IBL
+    coherence+psd labels where that method applies), 'saturated' (see saturated_channels).
+    `rec` is highpassed."""
+    import spikeinterface.preprocessing as spre
+    from spikeinterface.core import get_noise_levels
+
+    noise = get_noise_levels(rec, method="mad", return_in_uV=False, random_slices_kwargs=_noise_slices(rec))
+    dead = np.flatnonzero(noise < DEAD_NOISE_RATIO * np.median(noise))
+    ids = list(rec.channel_ids)
+    noisy = set(ids.index(c) for c in spre.detect_bad_channels(rec, method="mad", seed=0, num_random_chunks=20)[0])
+    if rec.has_scaleable_traces() and rec.get_num_channels() >= 32:
+        try:  # the IBL method (dead, noisy, outside the brain), tuned on Neuropixels in uV
+            _, labels = spre.detect_bad_channels(rec, method="coherence+psd", seed=0, num_random_chunks=20)
+            noisy |= set(np.flatnonzero(labels == "noise"))
+            dead = np.union1d(dead, np.flatnonzero(labels == "dead"))
+        except Exception as err:  # short recording, unusual layout
+            logger.info("coherence+psd bad channel detection skipped: %s", err)
+    noisy = np.setdiff1d(sorted(noisy), dead)
+    saturated = np.setdiff1d(np.asarray(saturated, dtype=np.int64), np.union1d(dead, noisy))
+    return dict(dead=dead, noisy=noisy, saturated=saturated)
+
+
+def leave_out_bad_channels(rec, saturated=()):
+    """Replace dead, noisy and saturated channels by interpolation from their neighbours (the
+    channel count and order stay, so main channels keep their meaning), with a warning."""
     import spikeinterface.preprocessing as spre
 
-    try:
-        bad, _ = spre.detect_bad_channels(rec, method="coherence+psd")
-    except Exception as err:  # too few channels or too short for the PSD method
-        logger.info("Bad channel detection skipped: %s", err)
-        return rec
+    found = bad_channels(rec, saturated)
+    bad = np.concatenate(list(found.values())).astype(np.int64)
     if len(bad) == 0:
         return rec
+    ids = rec.channel_ids
+    which = "; ".join(f"{why}: {[str(i) for i in ids[idx]]}" for why, idx in found.items() if len(idx))
     if len(bad) > rec.get_num_channels() // 2:
-        logger.warning("%d of %d channels flagged bad; not interpolating.", len(bad), rec.get_num_channels())
+        logger.warning("dartsort: %d of %d channels look bad (%s); too many to leave out, sorting them "
+                       "as they are. Check the recording.", len(bad), rec.get_num_channels(), which)
         return rec
-    logger.info("Interpolating %d bad channels: %s", len(bad), list(bad))
-    return spre.interpolate_bad_channels(rec, bad)
+    logger.warning("dartsort: bad channels left out of the sort (%s); they are replaced by interpolation "
+                   "from neighbouring channels.", which)
+    return spre.interpolate_bad_channels(rec, ids[np.sort(bad)])
 
 
 def _noise_slices(rec):

@@ -17,7 +17,7 @@ from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
 from .matching import TemplateMatcher, time_locked_echoes
-from .motion import TooFewSpikesForMotion, estimate_motion, plot_drift_raster
+from .motion import MotionNotEstimable, estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
 from .subtraction import Denoiser, SubtractionPeeler, ThresholdDetector
@@ -296,9 +296,9 @@ def motion_step(ctx, detected, motion, si_motion, dredge_motion_est) -> MotionIn
             t, depths, amps = motion_spikes(ctx, detected)
             try:
                 me = estimate_motion(t / ctx.fs, depths, amps, ctx.cfg, geom=geom, device=str(ctx.device))
-            except TooFewSpikesForMotion as err:
+            except MotionNotEstimable as err:
                 # a quiet recording still gets sorted (or an empty sorting), just not registered
-                logger.warning("dartsort: %s Sorting without motion correction.", str(err).split(";")[0])
+                logger.warning("dartsort: %s Sorting without motion correction.", str(err).split(";")[0] + ".")
                 me = None
             info = MotionInfo.from_motion_est(geom=geom, dredge_motion_est=me, probe_boundary_padding_um=pad)
         else:

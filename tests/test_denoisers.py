@@ -252,3 +252,22 @@ def test_shipped_denoiser_runs_at_other_sampling_rates_on_the_same_window():
     # another window in ms is not the model's: refused, naming the fix
     with pytest.raises(ValueError, match="Decollider"):
         make_denoiser("SingleChannelWaveformDenoiser", spike_length_samples=50, sampling_frequency=20000.0)
+
+
+def test_decollider_starts_from_the_shipped_weights_at_other_sampling_rates():
+    # from random weights a small recording's few spikes do not train the net (a 20 s
+    # tetrode at 25 kHz: spikes shrunk 5-7x); through Resampled it starts from the shipped net
+    from dartsort_si.denoisers import Resampled
+
+    n, fs = 81, 20000.0
+    rng = np.random.default_rng(0)
+    spikes = rng.standard_normal((64, n, 4)).astype("float32")
+    spikes[:, 26, :] -= 12.0
+    noise = rng.standard_normal((32, 3 * n)).astype("float32")
+    model = fit_decollider(spikes, noise, spike_length_samples=n, sampling_frequency=fs, max_epochs=0,
+                           progress=False, device="cpu")
+    assert isinstance(model, Resampled) and isinstance(model.model, Decollider)
+    shipped = make_denoiser("SingleChannelWaveformDenoiser", spike_length_samples=n, sampling_frequency=fs)
+    x = torch.as_tensor(spikes[:8, :, 0])
+    with torch.no_grad():
+        assert torch.allclose(model(x), shipped(x))
