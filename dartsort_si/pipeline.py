@@ -37,6 +37,7 @@ def _ensure_log_output():
         logger.setLevel(logging.INFO)
 
 MARKER = "dartsort_si.json"
+LOG_NAME = "dartsort.log"  # the command line's log; kept on overwrite
 # fields that change how fast we run, not what we find: a resume may change them
 _RUNTIME_FIELDS = {
     "dredge_only", "n_jobs_cpu", "n_jobs_gpu", "n_jobs_small", "n_jobs_small_gpu", "device",
@@ -98,17 +99,28 @@ def _copy_tree(src: Path, dst: Path, copier: str):
 
 # -- output folder bookkeeping
 
-def prepare_output_dir(output_dir: Path, cfg: DARTsortUserConfig, overwrite: bool):
-    """Refuse folders that are not ours; on overwrite, remove only our own files."""
-    marker = output_dir / MARKER
-    if output_dir.exists() and any(output_dir.iterdir()) and not marker.exists():
+def check_output_dir(output_dir: Path):
+    """Refuse a folder that holds something other than a dartsort-si output."""
+    output_dir = Path(output_dir)
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ValueError(f"{output_dir} is a file; pick a folder for the output.")
+    others = [p for p in output_dir.iterdir() if p.name != LOG_NAME]
+    if others and not (output_dir / MARKER).exists():
         raise ValueError(
             f"{output_dir} exists, is not empty and is not a dartsort-si output folder; "
             "refusing to write into it. Pick a new or empty folder."
         )
+
+
+def prepare_output_dir(output_dir: Path, cfg: DARTsortUserConfig, overwrite: bool):
+    """Refuse folders that are not ours; on overwrite, remove only our own files."""
+    marker = output_dir / MARKER
+    check_output_dir(output_dir)
     if marker.exists() and overwrite:
         for p in output_dir.iterdir():
-            if p.name != MARKER:
+            if p.name not in (MARKER, LOG_NAME):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     elif marker.exists():
         old = json.loads(marker.read_text()).get("config", {})

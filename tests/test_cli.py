@@ -1,0 +1,85 @@
+"""The dartsort-si command line: sort a recording on disk, resume, refuse bad input early."""
+
+import subprocess
+import sys
+
+import numpy as np
+import probeinterface as pi
+import pytest
+import spikeinterface.full as si
+
+from dartsort_si.cli import main, parse_sets
+
+FAST = ["--set", "nn_denoiser_class_name=SingleChannelWaveformDenoiser", "--set", "preprocessing=standardize"]
+
+
+@pytest.fixture(scope="module")
+def recording():
+    rec, gt = si.generate_ground_truth_recording(durations=[8.0], num_channels=16, num_units=4, seed=3)
+    return rec, gt
+
+
+def _well(gt, sorting):
+    return si.compare_sorter_to_ground_truth(gt, sorting, exhaustive_gt=True).count_well_detected_units(0.8)
+
+
+def test_sort_a_saved_folder_and_resume(tmp_path, recording):
+    rec, gt = recording
+    rec.save(folder=tmp_path / "rec", n_jobs=1, progress_bar=False)
+    out = tmp_path / "out"
+    assert main(["sort", str(tmp_path / "rec"), str(out), *FAST]) == 0
+    sorting = si.load(out / "sorting")
+    assert _well(gt, sorting) >= 3
+    log = (out / "dartsort.log").read_text()
+    assert "subtraction done" in log and "units" in log
+    # the same command again finds every step done: same result, nothing recomputed
+    assert main(["sort", str(tmp_path / "rec"), str(out), *FAST]) == 0
+    again = si.load(out / "sorting")
+    assert np.array_equal(again.to_spike_vector(), sorting.to_spike_vector())
+    assert (out / "dartsort.log").read_text().count("subtraction done") == 1
+
+
+def test_sort_a_raw_binary_file_with_a_probe_file(tmp_path, recording):
+    rec, gt = recording
+    traces = rec.get_traces().astype("float32")
+    traces.tofile(tmp_path / "data.bin")
+    pi.write_probeinterface(tmp_path / "probe.json", rec.get_probe())
+    out = tmp_path / "out"
+    args = ["sort", str(tmp_path / "data.bin"), str(out), "--probe", str(tmp_path / "probe.json"),
+            "--sampling-frequency", str(rec.sampling_frequency), "--num-channels", "16", "--dtype", "float32"]
+    assert main(args + FAST) == 0
+    assert _well(gt, si.load(out / "sorting")) >= 3
+
+
+def test_raw_binary_without_its_layout_is_refused(tmp_path, capsys):
+    np.zeros((1000, 4), "float32").tofile(tmp_path / "data.bin")
+    assert main(["sort", str(tmp_path / "data.bin"), str(tmp_path / "out")]) == 2
+    assert "--probe" in capsys.readouterr().err
+
+
+def test_bad_config_is_refused_before_anything_is_written(tmp_path, capsys):
+    assert main(["sort", str(tmp_path), str(tmp_path / "out"), "--set", "voltage_treshold=4"]) == 2
+    assert "voltage_threshold" in capsys.readouterr().err  # did you mean
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_that_is_not_ours_is_left_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert main(["sort", str(tmp_path), str(out)]) == 2
+    assert "not a dartsort-si output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_set_values_are_read_as_json_or_text():
+    assert parse_sets(["a=4", "b=true", "c=cpu", "d=null", "e=[1, 2]"]) == dict(a=4, b=True, c="cpu", d=None,
+                                                                                e=[1, 2])
+    with pytest.raises(ValueError, match="key=value"):
+        parse_sets(["novalue"])
+
+
+def test_module_entry_point_prints_help():
+    out = subprocess.run([sys.executable, "-m", "dartsort_si.cli", "sort", "--help"], capture_output=True,
+                         text=True, check=True)
+    assert "SpikeGLX" in out.stdout and "--set" in out.stdout
