@@ -76,7 +76,8 @@ class DARTsortSorter(BaseSorter):
         work = Path(sorter_output_folder) / "dartsort"
         result = dartsort(recording, work, cfg)
         sorting = result["sorting"].to_numpy_sorting()
-        sorting.set_property("main_channel_id", main_channel_ids(result["sorting"], recording, sorting.unit_ids))
+        for key, values in unit_properties(result["sorting"], recording, sorting.unit_ids, result["motion"]).items():
+            sorting.set_property(key, values)
         sorting.save(folder=Path(sorter_output_folder) / "final_sorting", overwrite=True)
 
     @classmethod
@@ -110,6 +111,35 @@ def _duration_samples(duration, fs):
     else:
         value = float(duration)
     return int(value * fs)
+
+
+def unit_properties(dsorting, recording, unit_ids, motion=None) -> dict:
+    """Per-unit properties for the SpikeInterface sorting: main_channel_id, x_um and depth_um
+    (median localization in probe coordinates), registered_depth_um (the same with drift removed;
+    equal to depth_um without motion estimation), snr (median peak-to-peak amplitude over the noise
+    sd, what detection measures), amplitude_uv (snr times the main channel's noise in uV, when the
+    recording is scaled to uV) and firing_rate_hz."""
+    from spikeinterface.core import get_noise_levels
+
+    labels = dsorting.labels
+    locs = dsorting.point_source_localizations
+    t = dsorting.times_samples / dsorting.sampling_frequency
+    reg = locs[:, 2] if motion is None or not len(t) else motion.correct_s(t, locs[:, 2])
+    amp = dsorting.denoised_ptp_amplitudes
+    props = dict(main_channel_id=main_channel_ids(dsorting, recording, unit_ids))
+    median = lambda v: np.array([np.nanmedian(v[labels == u]) for u in unit_ids], dtype=float)  # noqa: E731
+    props.update(x_um=median(locs[:, 0]), depth_um=median(locs[:, 2]), registered_depth_um=median(reg),
+                 snr=median(amp))
+    if recording.has_scaleable_traces() and len(unit_ids):
+        from spikeinterface.preprocessing import highpass_filter
+
+        # the noise detection sees: highpassed as in preprocessing
+        noise = get_noise_levels(highpass_filter(recording, freq_min=300.0), return_in_uV=True,
+                                 random_slices_kwargs=dict(seed=0))
+        props["amplitude_uv"] = props["snr"] * noise[recording.ids_to_indices(props["main_channel_id"])]
+    duration = recording.get_total_duration()
+    props["firing_rate_hz"] = np.array([np.sum(labels == u) / duration for u in unit_ids], dtype=float)
+    return props
 
 
 def main_channel_ids(dsorting, recording, unit_ids):

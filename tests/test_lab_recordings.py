@@ -91,4 +91,8 @@ def test_dead_noisy_and_saturated_channels_are_left_out_with_a_warning(tmp_path,
 def test_int16_with_gains_is_scaled_to_microvolts(tmp_path):
     rec, gt = make("int16", 1)
     assert rec.get_dtype() == np.int16
-    assert well_detected(gt, sort(rec, tmp_path)) >= 6
+    sorting = sort(rec, tmp_path)
+    assert well_detected(gt, sorting) >= 6
+    # amplitudes in uV on the sorting: the generator's units are tens to hundreds of uV
+    amp = sorting.get_property("amplitude_uv")
+    assert amp is not None and np.all((amp > 10) & (amp < 2000))

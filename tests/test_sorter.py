@@ -59,6 +59,24 @@ def test_end_to_end_accuracy(sorted_with_run_sorter, gt_data):
     assert main is not None and set(main) <= set(rec.channel_ids)
 
 
+def test_unit_properties_on_the_sorting(sorted_with_run_sorter, gt_data):
+    sorting, _ = sorted_with_run_sorter
+    rec, gt, _ = gt_data
+    n = sorting.get_num_units()
+    assert (sorting.get_property("amplitude_uv") is None) == (not rec.has_scaleable_traces())
+    for key in ["x_um", "depth_um", "registered_depth_um", "snr", "firing_rate_hz"]:
+        values = sorting.get_property(key)
+        assert values is not None and values.shape == (n,) and np.all(np.isfinite(values)), key
+    spikes = [len(sorting.get_unit_spike_train(u)) for u in sorting.unit_ids]
+    assert np.allclose(sorting.get_property("firing_rate_hz"), np.array(spikes) / rec.get_total_duration())
+    depth = rec.get_channel_locations()[:, 1]
+    assert np.all((sorting.get_property("depth_um") > depth.min() - 100) & (sorting.get_property("depth_um") < depth.max() + 100))
+    assert np.all(sorting.get_property("snr") > 2)
+    # the unit's main channel sits near its localized depth
+    main = rec.get_channel_locations()[rec.ids_to_indices(sorting.get_property("main_channel_id")), 1]
+    assert np.median(np.abs(main - sorting.get_property("depth_um"))) < 40
+
+
 def test_outputs_on_disk(sorted_with_run_sorter):
     from spikeinterface.core.motion import Motion
 
