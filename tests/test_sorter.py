@@ -100,6 +100,22 @@ def test_analyzer_loads_result(sorted_with_run_sorter, gt_data):
     assert templates.shape[0] == sorting.get_num_units()
 
 
+def test_phy_export_and_quality_metrics(sorted_with_run_sorter, gt_data, tmp_path):
+    from spikeinterface.exporters import export_to_phy
+
+    sorting, _ = sorted_with_run_sorter
+    rec, _, _ = gt_data
+    analyzer = si.create_sorting_analyzer(sorting, rec, sparse=True)
+    analyzer.compute(["random_spikes", "templates", "noise_levels", "spike_amplitudes"])
+    metrics = si.compute_quality_metrics(analyzer, metric_names=["snr", "firing_rate", "isi_violation"])
+    assert len(metrics) == sorting.get_num_units() and np.all(metrics["snr"] > 2)
+    export_to_phy(analyzer, tmp_path / "phy", compute_pc_features=False, copy_binary=False, verbose=False)
+    times = np.load(tmp_path / "phy" / "spike_times.npy").ravel()
+    clusters = np.load(tmp_path / "phy" / "spike_clusters.npy").ravel()
+    assert len(times) == len(clusters) == len(sorting.to_spike_vector())
+    assert len(np.unique(clusters)) == sorting.get_num_units()
+
+
 def _mtimes(folder):
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file() and p.name != MARKER}
 
