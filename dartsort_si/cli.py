@@ -1,12 +1,14 @@
 """The `dartsort-si` command line.
 
     dartsort-si sort INPUT OUTPUT [--config FILE] [--set key=value ...]
+    dartsort-si report OUTPUT
 
 INPUT is anything SpikeInterface reads that carries a probe: a SpikeGLX or Open Ephys folder
 (found by their files), an NWB file, a folder saved by SpikeInterface, or a raw binary file with
 --probe, --sampling-frequency, --num-channels and --dtype. OUTPUT is dartsort's output folder; it
 also gets `sorting/` (a SpikeInterface sorting folder: `si.load(OUTPUT / "sorting")`) and
-`dartsort.log`. Running the same command again resumes an interrupted sort.
+`dartsort.log`. Running the same command again resumes an interrupted sort. `report` writes
+OUTPUT/report.html (drift raster, units along the probe, amplitudes, ISI violations, unit table).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a config field, e.g. --set voltage_threshold=4 --set device=cpu (repeatable)")
     s.add_argument("--overwrite", action="store_true", help="recompute everything in OUTPUT")
     s.add_argument("--stream-id", help="which stream of a multi-stream folder (default: the first AP stream)")
+    r = sub.add_parser("report", help="write OUTPUT/report.html for a finished sort")
+    r.add_argument("output", help="a dartsort output folder (or a run_sorter folder)")
     raw = s.add_argument_group("raw binary input")
     raw.add_argument("--probe", help="probeinterface .json or .prb file")
     raw.add_argument("--sampling-frequency", type=float)
@@ -143,8 +147,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def report(args) -> int:
+    from .report import write_report
+
+    try:
+        path = write_report(args.output)
+    except FileNotFoundError as err:
+        print(f"dartsort-si: error: {err}", file=sys.stderr)
+        return 2
+    print(f"dartsort-si: report written to {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "report":
+        return report(args)
     from .pipeline import check_output_dir
 
     output = Path(args.output)

@@ -83,3 +83,23 @@ def test_module_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "dartsort_si.cli", "sort", "--help"], capture_output=True,
                          text=True, check=True)
     assert "SpikeGLX" in out.stdout and "--set" in out.stdout
+
+
+def test_report_has_its_figures_and_a_row_per_unit(tmp_path, recording):
+    import base64
+    import re
+
+    rec, _ = recording
+    rec.save(folder=tmp_path / "rec", n_jobs=1, progress_bar=False)
+    out = tmp_path / "out"
+    assert main(["sort", str(tmp_path / "rec"), str(out), *FAST]) == 0
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert [title for title, _ in images] == ["Drift raster", "Units along the probe", "Amplitude over time",
+                                             "ISI violations"]
+    for _, data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    n_units = len(si.load(out / "sorting").unit_ids)
+    assert page.count("<tr><td>") == n_units
+    assert main(["report", str(tmp_path / "nothing")]) == 2
