@@ -11,6 +11,9 @@ from .pipeline import DARTsortReturn, dartsort  # noqa: E402
 from .sorter import DARTsortSorter, register  # noqa: E402
 
 register()
+from .components import register as _register_components  # noqa: E402
+
+_register_components()
 
 __all__ = ["dartsort", "DARTsortUserConfig", "DARTsortSorting", "MotionInfo", "DARTsortReturn",
            "DARTsortSorter", "default_dartsort_cfg"]

@@ -140,6 +140,16 @@ def decollider_budget_s(duration_s):
     return float(np.clip(0.5 * duration_s, 30.0, DECOLLIDER_MAX_SECONDS))
 
 
+def fit_temporal_pcas(spikes, window, rank):
+    """Temporal PCA of single-channel snippets: on the whole window (denoising) and on the
+    feature window (clustering features)."""
+    single = spikes.permute(0, 2, 1).reshape(-1, spikes.shape[1])
+    single = single[torch.isfinite(single).all(1)]
+    tpca = wf.TemporalPCA.fit(single.numpy(), rank)
+    feature_tpca = wf.TemporalPCA.fit(single[:, window.feature_start: window.feature_end].numpy(), rank)
+    return tpca, feature_tpca
+
+
 class NoSpikes(ValueError):
     """Too few threshold crossings to fit anything: the sort ends with an empty sorting."""
 
@@ -155,12 +165,8 @@ def fit_models(ctx):
                 f"Only {len(spikes)} threshold crossings at voltage_threshold="
                 f"{ctx.cfg.voltage_threshold} in the sampled chunks: nothing to sort."
             )
-        single = spikes.permute(0, 2, 1).reshape(-1, spikes.shape[1])
-        single = single[torch.isfinite(single).all(1)]
-        tpca = wf.TemporalPCA.fit(single.numpy(), ctx.cfg.temporal_pca_rank)
+        tpca, feature_tpca = fit_temporal_pcas(spikes, ctx.window, ctx.cfg.temporal_pca_rank)
         w = ctx.window
-        feature_tpca = wf.TemporalPCA.fit(single[:, w.feature_start: w.feature_end].numpy(),
-                                          ctx.cfg.temporal_pca_rank)
         nn = make_denoiser(ctx.cfg.nn_denoiser_class_name, ctx.cfg.nn_denoiser_pretrained_path,
                            train_waveforms=spikes.numpy(), noise_snippets=noise.numpy(),
                            spike_length_samples=w.length, sampling_frequency=ctx.fs, device=ctx.device,
