@@ -39,6 +39,8 @@ class DARTsortSubtractionDetector(SubtractionPeeler):
 
     def __init__(self, recording, detect_threshold=4.0, peak_sign="neg", initial_threshold=10.0,
                  noise_levels=None, return_output=True):
+        import spikeinterface.preprocessing as spre
+
         from . import denoisers, steps
 
         cfg = load_config(dict(voltage_threshold=detect_threshold, peak_sign=peak_sign,
@@ -47,7 +49,8 @@ class DARTsortSubtractionDetector(SubtractionPeeler):
         fs = recording.sampling_frequency
         geometry = Geometry.build(recording.get_channel_locations(), cfg, "cpu")
         window = SnippetWindow.from_config(cfg, fs)
-        ctx = steps.Context(_Standardized(recording, self.noise_levels), None, cfg, torch.device("cpu"), {},
+        standardized = spre.scale(recording, gain=1.0 / self.noise_levels, dtype="float32")
+        ctx = steps.Context(standardized, None, cfg, torch.device("cpu"), {},
                             geometry, window, None)
         spikes, _ = steps.sample_snippets(ctx)
         if len(spikes) < 10:
@@ -65,20 +68,6 @@ class DARTsortSubtractionDetector(SubtractionPeeler):
         peaks, *_ = super().compute(traces / self.noise_levels, start_frame, end_frame, segment_index, max_margin)
         # alignment moves times by up to a few samples: SpikeInterface expects them in order
         return (peaks[np.argsort(peaks["sample_index"], kind="stable")],)
-
-
-class _Standardized:
-    """The recording divided by its noise levels, for fitting (only get_traces and sizes)."""
-
-    def __init__(self, recording, noise_levels):
-        self.recording, self.noise_levels = recording, noise_levels
-        self.sampling_frequency = recording.sampling_frequency
-
-    def get_num_samples(self, segment_index=0):
-        return self.recording.get_num_samples(segment_index)
-
-    def get_traces(self, start_frame, end_frame):
-        return self.recording.get_traces(start_frame=start_frame, end_frame=end_frame) / self.noise_levels
 
 
 def register():

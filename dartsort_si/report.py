@@ -28,10 +28,11 @@ def find_output(folder) -> Path:
     raise FileNotFoundError(f"No finished dartsort sort in {folder} (no dartsort_sorting.npz).")
 
 
-def unit_table(sorting) -> dict:
-    """Per unit: id, spikes, firing rate, median x and depth, median SNR, ISI violation ratio."""
+def unit_table(sorting, duration_s=None) -> dict:
+    """Per unit: id, spikes, firing rate, median x and depth, median SNR, ISI violation ratio.
+    `duration_s`: the recording's (default: from the sorting's segments or its last spike)."""
     labels, t = sorting.labels, sorting.times_seconds
-    duration = _duration_s(sorting)
+    duration = _duration_s(sorting) if duration_s is None else duration_s
     locs = sorting.point_source_localizations
     amp = sorting.denoised_ptp_amplitudes
     rows = dict(unit=[], spikes=[], rate_hz=[], x_um=[], depth_um=[], snr=[], isi_violations=[])

@@ -121,15 +121,15 @@ def unit_properties(dsorting, recording, unit_ids, motion=None) -> dict:
     recording is scaled to uV) and firing_rate_hz."""
     from spikeinterface.core import get_noise_levels
 
-    labels = dsorting.labels
-    locs = dsorting.point_source_localizations
-    t = dsorting.times_samples / dsorting.sampling_frequency
+    from .report import unit_table
+
+    table = unit_table(dsorting, recording.get_total_duration())
+    labels, locs, t = dsorting.labels, dsorting.point_source_localizations, dsorting.times_seconds
     reg = locs[:, 2] if motion is None or not len(t) else motion.correct_s(t, locs[:, 2])
-    amp = dsorting.denoised_ptp_amplitudes
-    props = dict(main_channel_id=main_channel_ids(dsorting, recording, unit_ids))
-    median = lambda v: np.array([np.nanmedian(v[labels == u]) for u in unit_ids], dtype=float)  # noqa: E731
-    props.update(x_um=median(locs[:, 0]), depth_um=median(locs[:, 2]), registered_depth_um=median(reg),
-                 snr=median(amp))
+    props = dict(main_channel_id=main_channel_ids(dsorting, recording, unit_ids), x_um=table["x_um"],
+                 depth_um=table["depth_um"],
+                 registered_depth_um=np.array([np.nanmedian(reg[labels == u]) for u in unit_ids], dtype=float),
+                 snr=table["snr"])
     if recording.has_scaleable_traces() and len(unit_ids):
         from spikeinterface.preprocessing import highpass_filter
 
@@ -137,8 +137,7 @@ def unit_properties(dsorting, recording, unit_ids, motion=None) -> dict:
         noise = get_noise_levels(highpass_filter(recording, freq_min=300.0), return_in_uV=True,
                                  random_slices_kwargs=dict(seed=0))
         props["amplitude_uv"] = props["snr"] * noise[recording.ids_to_indices(props["main_channel_id"])]
-    duration = recording.get_total_duration()
-    props["firing_rate_hz"] = np.array([np.sum(labels == u) / duration for u in unit_ids], dtype=float)
+    props["firing_rate_hz"] = table["rate_hz"].astype(float)
     return props
 
 
