@@ -27,66 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import run_benchmark as rb  # noqa: E402
+
+from dartsort_si.ground_truth import lab_recording  # noqa: E402
 
 CASES = ("fs15k", "fs20k", "fs50k", "tetrode", "linear16", "dead_noisy", "int16_gains", "two_segments",
          "noise_only")
 SORTERS = ("dartsort", "spykingcircus2", "tridesclous2")
 CACHE = HERE / "cache" / "lab"
-
-
-def make_case(name: str, seed: int):
-    """(recording, gt_sorting) for one case; the recording is in memory or lazy."""
-    import probeinterface as pi
-    import spikeinterface.full as si
-
-    kw = dict(durations=[20.0], num_channels=32, num_units=8, seed=seed)
-    if name.startswith("fs"):
-        kw["sampling_frequency"] = float(name[2:-1]) * 1000
-    elif name == "tetrode":
-        probe = pi.generate_tetrode()
-        probe.set_device_channel_indices(np.arange(4))
-        kw.update(num_channels=4, num_units=3, probe=probe)
-    elif name == "linear16":
-        # contacts 20 um apart except two 40 um gaps: a layout no template grid assumes
-        y = np.cumsum([0] + [20] * 5 + [40] + [20] * 5 + [40] + [20] * 3).astype(float)
-        probe = pi.Probe(ndim=2)
-        probe.set_contacts(positions=np.c_[np.zeros(16), y], shapes="circle", shape_params={"radius": 6})
-        probe.set_device_channel_indices(np.arange(16))
-        kw.update(num_channels=16, num_units=5, probe=probe)
-    elif name == "two_segments":
-        kw["durations"] = [15.0, 15.0]
-    elif name == "noise_only":
-        rec, gt = si.generate_ground_truth_recording(**kw)
-        gt = si.NumpySorting.from_unit_dict([{}], sampling_frequency=rec.sampling_frequency)
-        noise = si.generate_recording(num_channels=32, durations=[20.0], sampling_frequency=rec.sampling_frequency,
-                                      seed=seed)
-        return _with_probe(noise, rec.get_probe()), gt
-    rec, gt = si.generate_ground_truth_recording(**kw)
-    if name == "dead_noisy":
-        traces = rec.get_traces().copy()
-        traces[:, 5] = 0.0
-        traces[:, 20] *= 10.0
-        rail = 1.5 * traces[:, 12].std()  # an amplifier clipping channel 12 at +-1.5 sd
-        traces[:, 12] = np.clip(traces[:, 12], -rail, rail)
-        rec = _with_probe(si.NumpyRecording(traces, rec.sampling_frequency), rec.get_probe())
-    elif name == "int16_gains":
-        gain = 0.195
-        traces = np.round(rec.get_traces() / gain).astype("int16")
-        rec16 = _with_probe(si.NumpyRecording(traces, rec.sampling_frequency), rec.get_probe())
-        rec16.set_channel_gains(gain)
-        rec16.set_channel_offsets(0.0)
-        rec = rec16
-    return rec, gt
-
-
-def _with_probe(rec, probe):
-    rec.set_probe(probe, in_place=True)
-    return rec
 
 
 def prepare(name: str, seed: int) -> Path:
@@ -95,7 +45,7 @@ def prepare(name: str, seed: int) -> Path:
 
     folder = CACHE / f"{name}_s{seed}"
     if not (folder / "done").exists():
-        rec, gt = make_case(name, seed)
+        rec, gt = lab_recording(name, seed)
         rec.save(folder=folder / "recording", overwrite=True, n_jobs=1, progress_bar=False)
         si.NpzSortingExtractor.write_sorting(gt, folder / "gt.npz")
         (folder / "done").write_text("")

@@ -5,6 +5,7 @@
 
 __version__ = "0.1.0"
 
+from .analyzer import to_sorting_analyzer  # noqa: E402
 from .config import DARTsortUserConfig, default_dartsort_cfg  # noqa: E402
 from .data import DARTsortSorting, MotionInfo  # noqa: E402
 from .pipeline import DARTsortReturn, dartsort  # noqa: E402
@@ -16,4 +17,4 @@ from .components import register as _register_components  # noqa: E402
 _register_components()
 
 __all__ = ["dartsort", "DARTsortUserConfig", "DARTsortSorting", "MotionInfo", "DARTsortReturn",
-           "DARTsortSorter", "default_dartsort_cfg"]
+           "DARTsortSorter", "default_dartsort_cfg", "to_sorting_analyzer"]

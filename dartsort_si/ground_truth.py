@@ -167,3 +167,55 @@ def true_displacement_at(info: dict, times_s: np.ndarray, depths_um: np.ndarray)
     per_unit = np.stack([np.interp(flat_t, t, disp[:, u]) for u in order], axis=1)
     out = np.array([np.interp(z, unit_z[order], row) for z, row in zip(flat_z, per_unit)])
     return out.reshape(times_s.shape)
+
+
+def lab_recording(name: str, seed: int, duration_s: float = 20.0):
+    """(recording, gt_sorting) of a recording as labs have them (benchmarks/lab_recordings.py lists
+    the cases), from SpikeInterface's generator with its default units and templates, 25 kHz unless
+    named: fs15k/fs20k/fs50k, tetrode, linear16, dead_noisy, int16_gains, two_segments, noise_only."""
+    import probeinterface as pi
+    import spikeinterface.full as si
+
+    kw = dict(durations=[duration_s], num_channels=32, num_units=8, seed=seed)
+    if name.startswith("fs"):
+        kw["sampling_frequency"] = float(name[2:-1]) * 1000
+    elif name == "tetrode":
+        probe = pi.generate_tetrode()
+        probe.set_device_channel_indices(np.arange(4))
+        kw.update(num_channels=4, num_units=3, probe=probe)
+    elif name == "linear16":
+        # contacts 20 um apart except two 40 um gaps: a layout no template grid assumes
+        y = np.cumsum([0] + [20] * 5 + [40] + [20] * 5 + [40] + [20] * 3).astype(float)
+        probe = pi.Probe(ndim=2)
+        probe.set_contacts(positions=np.c_[np.zeros(16), y], shapes="circle", shape_params={"radius": 6})
+        probe.set_device_channel_indices(np.arange(16))
+        kw.update(num_channels=16, num_units=5, probe=probe)
+    elif name == "two_segments":
+        kw["durations"] = [0.75 * duration_s] * 2  # 15 s each at the default 20
+    elif name == "noise_only":
+        rec, gt = si.generate_ground_truth_recording(**kw)
+        gt = si.NumpySorting.from_unit_dict([{}], sampling_frequency=rec.sampling_frequency)
+        noise = si.generate_recording(num_channels=32, durations=[duration_s], sampling_frequency=rec.sampling_frequency,
+                                      seed=seed)
+        return _with_probe(noise, rec.get_probe()), gt
+    rec, gt = si.generate_ground_truth_recording(**kw)
+    if name == "dead_noisy":
+        traces = rec.get_traces().copy()
+        traces[:, 5] = 0.0
+        traces[:, 20] *= 10.0
+        rail = 1.5 * traces[:, 12].std()  # an amplifier clipping channel 12 at +-1.5 sd
+        traces[:, 12] = np.clip(traces[:, 12], -rail, rail)
+        rec = _with_probe(si.NumpyRecording(traces, rec.sampling_frequency), rec.get_probe())
+    elif name == "int16_gains":
+        gain = 0.195
+        traces = np.round(rec.get_traces() / gain).astype("int16")
+        rec16 = _with_probe(si.NumpyRecording(traces, rec.sampling_frequency), rec.get_probe())
+        rec16.set_channel_gains(gain)
+        rec16.set_channel_offsets(0.0)
+        rec = rec16
+    return rec, gt
+
+
+def _with_probe(rec, probe):
+    rec.set_probe(probe, in_place=True)
+    return rec

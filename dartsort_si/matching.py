@@ -34,6 +34,7 @@ leftover_dtype = np.dtype([
 SVD_RANK = 5
 MAX_ITERATIONS = 200
 REFRACTORY_SAMPLES = 10
+OVERLAP_PTP = 0.5
 
 
 def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
@@ -181,6 +182,7 @@ class TemplateMatcher(PeakDetector):
         base_norm = norms[:, n_up // 2]
         n_t = len(residual) - length + 1
         blocked = torch.zeros((n_units, n_t), dtype=torch.bool, device=residual.device)
+        overlap = unit_overlaps(base)
         found = []
         to_rank = spatial.reshape(-1, n_chans).T  # (C, K r)
         proj = residual @ to_rank  # (T, K r)
@@ -196,6 +198,11 @@ class TemplateMatcher(PeakDetector):
             if not len(pick):
                 break
             unit = unit[pick]
+            # picks whose templates overlap in time and channels: only the biggest this round.
+            # Fitted on a residual that still holds the bigger spike, a smaller unit's template
+            # takes part of it (the "echoes" at fixed lags, see ECHO_RATIO)
+            keep = wf.strongest(best[pick], pick, unit, overlap, length - 1)
+            pick, unit = pick[keep], unit[keep]
             t, a, j = self.refine(residual, temps, norms, pick, unit)
             rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
             wf_sub = temps[unit, j] * a[:, None, None]
@@ -261,6 +268,13 @@ class TemplateMatcher(PeakDetector):
         a, gain = self.best_scale(dots, norms[unit])
         j = gain.argmax(1)
         return t, a[torch.arange(len(t)), j], j
+
+
+def unit_overlaps(templates: torch.Tensor) -> torch.Tensor:
+    """(K, K) bool: units whose templates (K, L, C) share a channel where both exceed
+    OVERLAP_PTP (noise units)."""
+    support = (wf.ptp(templates) >= OVERLAP_PTP).float()
+    return (support @ support.T) > 0
 
 
 # -- echoes of big units among the matched spikes

@@ -447,6 +447,9 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
                             denoised_ptp_amplitudes=spikes["amplitude"],
                             upsampling_indices=spikes["upsample_index"].astype(np.int64))
             features["template_labels"] = temps.unit_ids[spikes["unit_index"]]
+            # the templates these spikes were matched with (new units included): the analyzer's
+            # templates and amplitudes come from them (analyzer.py)
+            temps.save(ctx.out / f"matched_templates{i}.npz")
             write_peeling_hdf5(path, times_samples=spikes["sample_index"], channels=spikes["channel_index"],
                                labels=units[spikes["unit_index"]], sampling_frequency=ctx.fs,
                                geom=ctx.geometry.geom, features=features)

@@ -305,7 +305,7 @@ class SubtractionPeeler(PeakDetector):
             # to a bigger neighbour: in a chain A > B > S, B waits for A, but S is too far
             # from A to be looked at again unless it is remembered itself
             last = (t[ok], c[ok])
-            ok[ok.clone()] = _biggest(decrease[ok], t[ok], c[ok], g.conflicts, w.length)
+            ok[ok.clone()] = wf.strongest(decrease[ok], t[ok], c[ok], g.conflicts, w.length)
             t, c, clean = t[ok], c[ok], clean[ok]
             wf.add(residual, t, c, g.subtraction_index, offsets, -clean)
             found.append((t, c, clean))
@@ -370,16 +370,6 @@ class SubtractionPeeler(PeakDetector):
         feats = self.feature_tpca.transform(cleaned) * wf.neighbour_mask(g.featurization_index, chans)[:, None, :]
         return (peaks, locs.astype(np.float32), amps.cpu().numpy().astype(np.float32),
                 feats.cpu().numpy().astype(np.float32))
-
-
-def _biggest(score, times, chans, conflicts, window):
-    """True for candidates with the top score among those within +-window samples
-    whose channels conflict (conflicts: (C, C) bool); ties go to the earlier one."""
-    n = len(score)
-    close = ((times[:, None] - times[None, :]).abs() <= window) & conflicts[chans[:, None], chans[None, :]]
-    rival = torch.where(close, score[None, :], torch.full_like(score[None, :], -torch.inf))
-    earlier_tie = (rival == score[:, None]) & torch.ones(n, n, dtype=torch.bool, device=score.device).tril(-1)
-    return (score[:, None] >= rival).all(1) & ~earlier_tie.any(1)
 
 
 def _rows_near(times, window, n_rows):

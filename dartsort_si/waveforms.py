@@ -118,3 +118,13 @@ class TemporalPCA:
 def ptp(snippets: torch.Tensor) -> torch.Tensor:
     """Peak-to-peak per channel: (n, L, K) -> (n, K)."""
     return snippets.amax(dim=1) - snippets.amin(dim=1)
+
+
+def strongest(score, times, groups, conflicts, window):
+    """True for candidates with the top score among those within +-window samples whose
+    groups (channels, or units) conflict (conflicts: (G, G) bool); ties go to the earlier one."""
+    n = len(score)
+    close = ((times[:, None] - times[None, :]).abs() <= window) & conflicts[groups[:, None], groups[None, :]]
+    rival = torch.where(close, score[None, :], torch.full_like(score[None, :], -torch.inf))
+    earlier_tie = (rival == score[:, None]) & torch.ones(n, n, dtype=torch.bool, device=score.device).tril(-1)
+    return (score[:, None] >= rival).all(1) & ~earlier_tie.any(1)

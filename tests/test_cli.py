@@ -103,3 +103,18 @@ def test_report_has_its_figures_and_a_row_per_unit(tmp_path, recording):
     n_units = len(si.load(out / "sorting").unit_ids)
     assert page.count("<tr><td>") == n_units
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    _renders_in_chromium(out / "report.html", [title for title, _ in images], n_units)
+
+
+def _renders_in_chromium(page, titles, n_units):
+    """The browser decodes every figure and lays out the unit table (headless Chromium: Qt WebEngine)."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("PySide6.QtWebEngineCore")
+    script = Path(__file__).with_name("render_page.py")
+    done = subprocess.run([sys.executable, str(script), str(page)], capture_output=True, text=True, timeout=120)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [i["alt"] for i in seen["images"]] == titles, seen
+    assert all(i["complete"] and i["width"] >= 200 and i["height"] >= 200 for i in seen["images"]), seen
+    assert seen["rows"] == n_units + 1  # and the header

@@ -1,6 +1,7 @@
 """Our stages through SpikeInterface's own entry points."""
 
 import numpy as np
+import pytest
 import spikeinterface.full as si
 from spikeinterface.sortingcomponents.peak_detection import detect_peaks
 
@@ -25,3 +26,51 @@ def test_detect_peaks_with_dartsort_subtraction():
         i = np.clip(np.searchsorted(peaks["sample_index"], train), 1, len(peaks) - 1)
         gap = np.minimum(np.abs(peaks["sample_index"][i] - train), np.abs(peaks["sample_index"][i - 1] - train))
         assert np.mean(gap <= 10) > 0.9, unit
+
+
+def test_localize_peaks_with_dartsort():
+    from spikeinterface.sortingcomponents.peak_localization import localize_peaks
+
+    rec, gt = si.generate_ground_truth_recording(durations=[10.0], num_channels=32, num_units=6, seed=2)
+    rec = si.highpass_filter(rec, freq_min=300.0)
+    peaks = detect_peaks(rec, method="locally_exclusive", method_kwargs=dict(detect_threshold=6.0),
+                         job_kwargs=dict(n_jobs=1, progress_bar=False))
+    locs = localize_peaks(rec, peaks, method="dartsort", ms_before=1.0, ms_after=1.5,
+                          job_kwargs=dict(n_jobs=2, progress_bar=False))
+    assert locs.dtype.names == ("x", "y", "z", "alpha") and len(locs) == len(peaks)
+    # the peaks near a unit's spikes sit close to where the generator put it
+    unit_xyz = gt.get_property("gt_unit_locations")
+    spikes = gt.to_spike_vector()
+    i = np.clip(np.searchsorted(peaks["sample_index"], spikes["sample_index"]), 0, len(peaks) - 1)
+    hit = np.abs(peaks["sample_index"][i] - spikes["sample_index"]) <= 2
+    truth = unit_xyz[spikes["unit_index"][hit]]
+    err = np.hypot(locs["x"][i[hit]] - truth[:, 0], locs["y"][i[hit]] - truth[:, 1])
+    assert hit.sum() > 100
+    assert np.median(err) < 15.0, np.median(err)
+    assert np.all(locs["z"][i[hit]] > 0)
+
+
+def test_find_spikes_from_templates_with_dartsort():
+    from spikeinterface.core import get_noise_levels
+    from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
+
+    rec, gt = si.generate_ground_truth_recording(durations=[10.0], num_channels=32, num_units=6, seed=2)
+    rec = si.highpass_filter(rec, freq_min=300.0)
+    analyzer = si.create_sorting_analyzer(gt, rec, sparse=False)
+    analyzer.compute(["random_spikes", "templates", "noise_levels"])
+    templates = analyzer.get_extension("templates").get_data(outputs="Templates")
+    snr = si.compute_quality_metrics(analyzer, metric_names=["snr"])["snr"].to_numpy()
+    spikes = find_spikes_from_templates(
+        rec, templates, method="dartsort",
+        method_kwargs=dict(noise_levels=get_noise_levels(rec, return_in_uV=False)),
+        job_kwargs=dict(n_jobs=2, progress_bar=False))
+    assert set(np.unique(spikes["cluster_index"])) <= set(range(len(gt.unit_ids)))
+    found = si.NumpySorting.from_samples_and_labels(
+        [spikes["sample_index"]], [spikes["cluster_index"]], rec.sampling_frequency, unit_ids=np.arange(len(gt.unit_ids)))
+    cmp = si.compare_sorter_to_ground_truth(gt, found, exhaustive_gt=True)
+    perf = cmp.get_performance(method="raw_count")
+    # matching with the true templates: each clear unit is recovered, with its own label
+    for i, unit in enumerate(gt.unit_ids):
+        if snr[i] > 5:
+            assert cmp.get_ordered_agreement_scores().loc[unit, i] > 0.9, (unit, snr[i], perf.loc[unit])
+    assert np.median(spikes["amplitude"]) == pytest.approx(1.0, abs=0.15)

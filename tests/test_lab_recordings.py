@@ -5,42 +5,17 @@ SpikeInterface's generator with its default unit and template parameters."""
 import logging
 
 import numpy as np
-import probeinterface as pi
-import pytest
 import spikeinterface.full as si
 
 from dartsort_si.preprocessing import cmr_keeps_spikes
-from dartsort_si.ground_truth import neuropixels_probe
+from dartsort_si.ground_truth import lab_recording, neuropixels_probe
 
 DURATION_S = 12.0
 
 
 def make(name, seed):
-    """(recording, ground truth) of one case."""
-    kw = dict(durations=[DURATION_S], num_channels=32, num_units=8, seed=seed, sampling_frequency=25000.0)
-    if name == "tetrode":
-        probe = pi.generate_tetrode()
-        probe.set_device_channel_indices(np.arange(4))
-        kw.update(num_channels=4, num_units=3, probe=probe)
-    elif name == "fs20k":
-        kw["sampling_frequency"] = 20000.0
-    rec, gt = si.generate_ground_truth_recording(**kw)
-    traces = rec.get_traces()
-    if name == "bad_channels":
-        traces = traces.copy()
-        traces[:, 5] = 0.0  # dead
-        traces[:, 20] *= 10.0  # noisy
-        rail = 1.5 * traces[:, 12].std()
-        traces[:, 12] = np.clip(traces[:, 12], -rail, rail)  # saturated
-    if name == "int16":
-        gain = 0.195
-        out = si.NumpyRecording(np.round(traces / gain).astype("int16"), rec.sampling_frequency, channel_ids=rec.channel_ids)
-        out.set_channel_gains(gain)
-        out.set_channel_offsets(0.0)
-    else:
-        out = si.NumpyRecording(np.asarray(traces, dtype="float32"), rec.sampling_frequency, channel_ids=rec.channel_ids)
-    out.set_probe(rec.get_probe())
-    return out, gt
+    """(recording, ground truth) of one case, as benchmarks/lab_recordings.py makes it, shorter."""
+    return lab_recording(name, seed, duration_s=DURATION_S)
 
 
 def sort(rec, folder):
@@ -80,7 +55,7 @@ def test_20khz_with_the_default_decollider(tmp_path):
 
 
 def test_dead_noisy_and_saturated_channels_are_left_out_with_a_warning(tmp_path, caplog):
-    rec, gt = make("bad_channels", 1)
+    rec, gt = make("dead_noisy", 1)
     with caplog.at_level(logging.WARNING, logger="dartsort_si"):
         sorting = sort(rec, tmp_path)
     said = " ".join(r.getMessage() for r in caplog.records)
@@ -89,7 +64,7 @@ def test_dead_noisy_and_saturated_channels_are_left_out_with_a_warning(tmp_path,
 
 
 def test_int16_with_gains_is_scaled_to_microvolts(tmp_path):
-    rec, gt = make("int16", 1)
+    rec, gt = make("int16_gains", 1)
     assert rec.get_dtype() == np.int16
     sorting = sort(rec, tmp_path)
     assert well_detected(gt, sorting) >= 6

@@ -1,5 +1,6 @@
-"""Matching pursuit: the objective kept up to date locally equals a full recomputation;
-echoes of big units among the matched spikes are dropped."""
+"""Matching pursuit: the objective kept up to date locally equals a full recomputation; a
+smaller template is not fitted to a bigger spike still in the residual; echoes of big units among
+the matched spikes are dropped."""
 
 import numpy as np
 import torch
@@ -44,6 +45,29 @@ def _trains(seed=0, duration=1_800_000):
     own = np.sort(rng.choice(duration - 200, 400, replace=False) + 100)
     echoes = np.concatenate([big[::2] - 40, big[1::3] + 17])
     return big, own, echoes
+
+
+def test_no_small_template_is_fitted_to_a_bigger_spike_picked_in_the_same_round():
+    # B is A's waveform 25 samples later at half size. Picked in the same round as A's spikes,
+    # B was fitted (at the top of its amplitude range) 25 samples before each A spike, on a
+    # residual that still held that spike: one false B spike per A spike
+    length, n_chans = 60, 6
+    t = np.arange(length)
+    wave = -10 * np.exp(-(((t - 20) / 3.0) ** 2)) + 4 * np.exp(-(((t - 30) / 6.0) ** 2))
+    a = np.zeros((length, n_chans), np.float32)
+    a[:, :3] = wave[:, None] * np.array([1.0, 0.7, 0.5])
+    b = np.zeros_like(a)
+    b[25:] = 0.5 * a[: length - 25]
+    matcher = TemplateMatcher.__new__(TemplateMatcher)  # peeling needs no recording
+    matcher.threshold, matcher.prior, matcher.boundary, matcher.n_before = 64.0, 100.0, 1 / 3, 20
+    traces = torch.zeros(3000, n_chans)
+    starts = range(100, 2900, 300)
+    for s in starts:
+        traces[s: s + length] += torch.as_tensor(a)
+    times, units, scales, _ = matcher.peel(traces, torch.as_tensor(np.stack([a, b])[:, None]))
+    assert units.tolist() == [0] * len(starts)
+    assert times.tolist() == [s + 20 for s in starts]
+    assert torch.allclose(scales, torch.ones_like(scales))
 
 
 def test_time_locked_echoes_of_a_big_unit_are_dropped_and_own_spikes_kept():

@@ -5,7 +5,6 @@ found among the events matching leaves unexplained."""
 
 import numpy as np
 import pytest
-import torch
 
 from dartsort_si.channels import make_channel_index
 from dartsort_si.matching import leftover_dtype

@@ -91,13 +91,32 @@ def test_outputs_on_disk(sorted_with_run_sorter):
     assert loaded.point_source_localizations.shape == (len(loaded), 4)
 
 
-def test_analyzer_loads_result(sorted_with_run_sorter, gt_data):
-    sorting, _ = sorted_with_run_sorter
+def test_analyzer_from_our_outputs(sorted_with_run_sorter, gt_data):
+    from dartsort_si import to_sorting_analyzer
+
+    sorting, folder = sorted_with_run_sorter
     rec, _, _ = gt_data
-    analyzer = si.create_sorting_analyzer(sorting, rec, sparse=False)
-    analyzer.compute(["random_spikes", "templates"])
-    templates = analyzer.get_extension("templates").get_data()
-    assert templates.shape[0] == sorting.get_num_units()
+    analyzer = to_sorting_analyzer(folder, rec)
+    assert list(analyzer.unit_ids) == list(sorting.unit_ids)
+    ours = analyzer.get_extension("templates").get_data()
+    # the same spikes' templates computed by SpikeInterface from the sorted recording agree with ours
+    plain = si.create_sorting_analyzer(sorting, analyzer.recording, sparse=False)
+    window = {k: analyzer.get_extension("templates").params[k] for k in ("ms_before", "ms_after")}
+    plain.compute(["random_spikes", "templates"], extension_params=dict(templates=window))
+    theirs = plain.get_extension("templates").get_data()
+    assert ours.shape == theirs.shape
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(ours, theirs)]
+    assert np.median(corr) > 0.9, corr
+    amps = analyzer.get_extension("spike_amplitudes").get_data()
+    vector = sorting.to_spike_vector()
+    assert len(amps) == len(vector) and np.median(amps) < -3  # troughs, in noise units
+    locs = analyzer.get_extension("spike_locations").get_data()
+    depth = sorting.get_property("depth_um")
+    unit_of = np.searchsorted(sorting.unit_ids, sorting.unit_ids[vector["unit_index"]])
+    assert np.median(np.abs(locs["y"] - depth[unit_of])) < 15
+    # SpikeInterface's tools run on it as on any analyzer
+    metrics = si.compute_quality_metrics(analyzer, metric_names=["snr", "amplitude_cutoff", "isi_violation"])
+    assert len(metrics) == len(sorting.unit_ids) and np.all(metrics["snr"] > 2)
 
 
 def test_phy_export_and_quality_metrics(sorted_with_run_sorter, gt_data, tmp_path):
@@ -187,3 +206,22 @@ def test_run_sorter_jobs(tmp_path):
     sortings = si.run_sorter_jobs(jobs, engine="loop", return_output=True)
     assert len(sortings) == 2 and all(s.get_num_units() > 0 for s in sortings)
     assert all((tmp_path / f"sort{i}" / "sorter_output" / "final_sorting").exists() for i in range(2))
+
+
+def test_result_opens_in_spikeinterface_gui(sorted_with_run_sorter, gt_data, monkeypatch):
+    """The GUI's main window builds (Qt offscreen) on the analyzer made from our outputs."""
+    gui = pytest.importorskip("spikeinterface_gui")
+    pytest.importorskip("PySide6")
+    pytest.importorskip("pyqtgraph")
+    from dartsort_si import to_sorting_analyzer
+
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    sorting, folder = sorted_with_run_sorter
+    rec, _, _ = gt_data
+    analyzer = to_sorting_analyzer(folder, rec)
+    analyzer.compute(["unit_locations", "template_similarity", "correlograms", "quality_metrics"])
+    win = gui.run_mainwindow(analyzer, mode="desktop", start_app=False, verbose=False)
+    controller = win.controller
+    assert list(controller.unit_ids) == list(sorting.unit_ids)
+    assert len(win.views) >= 5, win.views.keys()
+    win.close()
