@@ -20,7 +20,7 @@ from .matching import TemplateMatcher, time_locked_echoes
 from .motion import MotionNotEstimable, estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
-from .subtraction import Denoiser, SubtractionPeeler, ThresholdDetector
+from .subtraction import Denoiser, ThresholdDetector, subtraction_nodes
 from .templates import Templates, estimate_templates
 
 logger = logging.getLogger("dartsort_si")
@@ -186,8 +186,10 @@ def _chunk_slices(ctx):
     return [(0, s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _run_nodes(ctx, node, slices, name):
-    outs = run_node_pipeline(ctx.rec, [node], ctx.job_kwargs, job_name=name, slices=slices,
+def _run_nodes(ctx, nodes, slices, name):
+    """Outputs of a node (or a list of nodes, parents first) over the chunks in slices (None: all)."""
+    nodes = nodes if isinstance(nodes, list) else [nodes]
+    outs = run_node_pipeline(ctx.rec, nodes, ctx.job_kwargs, job_name=name, slices=slices,
                              squeeze_output=False)
     return outs
 
@@ -204,9 +206,9 @@ def subtract(ctx, models):
 def _subtract(ctx, models, path):
     cfg = ctx.cfg
     denoiser = Denoiser(wf.TemporalPCA(**models["tpca"]), models["nn"], ctx.device)
-    node = SubtractionPeeler(ctx.rec, ctx.geometry, ctx.window, denoiser,
-                             wf.TemporalPCA(**models["feature_tpca"]), cfg, ctx.dedup_samples, ctx.device,
-                             subtract=ctx.initial_detection == "subtraction")
+    nodes = subtraction_nodes(ctx.rec, ctx.geometry, ctx.window, denoiser,
+                              wf.TemporalPCA(**models["feature_tpca"]), cfg, ctx.dedup_samples, ctx.device,
+                              subtract=ctx.initial_detection == "subtraction")
     slices = _chunk_slices(ctx)
     order = np.random.default_rng(0).permutation(len(slices))
     target = cfg.subsampling_spikes or np.inf
@@ -215,12 +217,12 @@ def _subtract(ctx, models, path):
     while done < len(slices):
         todo = first if done == 0 else _more_chunks(n_found, done, target, len(slices) - done)
         batch = sorted((slices[i] for i in order[done: done + todo]), key=lambda s: s[1])
-        parts.append(_run_nodes(ctx, node, batch, "subtraction"))
+        parts.append(_run_nodes(ctx, nodes, batch, "subtraction"))
         done += todo
         n_found += len(parts[-1][0])
         if n_found >= target and done >= cfg.subsampling_presence * len(slices):
             break
-    peaks, locs, amp_vecs, feats = (np.concatenate(z) for z in zip(*parts))
+    peaks, amp_vecs, locs, feats = (np.concatenate(z) for z in zip(*parts))
     order = np.argsort(peaks["sample_index"], kind="stable")
     features = dict(
         point_source_localizations=locs[order],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.spatial.distance import cdist
-from spikeinterface.core.node_pipeline import PeakDetector, base_peak_dtype
+from spikeinterface.core.node_pipeline import PeakDetector, PipelineNode, base_peak_dtype
 
 from . import waveforms as wf
 from .channels import make_channel_index
@@ -223,23 +223,33 @@ def _peak_array(times, chans, amplitudes, segment_index):
     return peaks
 
 
+def subtraction_nodes(recording, geometry, window, denoiser, feature_tpca, cfg, dedup_samples, device="cpu",
+                      subtract=True) -> list:
+    """The subtraction pipeline: the peeler, then localization and featurization as nodes of
+    their own. Outputs per spike: peaks, denoised ptp amplitude vector on the localization
+    neighbourhood (n, K_loc), point-source localization (n, 4) and collision-cleaned temporal
+    PCA features on the featurization neighbourhood (n, rank, K_feat)."""
+    peeler = SubtractionPeeler(recording, geometry, window, denoiser, cfg, dedup_samples, device, subtract)
+    return [peeler, PointSourceLocalizer(recording, peeler, geometry, device),
+            CollisionCleanedFeatures(recording, peeler, geometry, window, feature_tpca, device)]
+
+
 class SubtractionPeeler(PeakDetector):
-    """NN-denoised subtraction on each chunk; outputs per spike:
-    peaks, point-source localization (n, 4), denoised ptp amplitude vector on
-    the localization neighbourhood (n, K_loc) and collision-cleaned temporal
-    PCA features on the featurization neighbourhood (n, rank, K_feat).
+    """NN-denoised subtraction on each chunk; outputs per spike: peaks (amplitude: the denoised
+    peak-to-peak), the denoised ptp amplitude vector on the localization neighbourhood (n, K_loc),
+    and, for its child nodes only, the collision-cleaned snippet (residual + own waveform) on the
+    subtraction neighbourhood (n, L, K_sub).
     """
 
     def __init__(self, recording, geometry: Geometry, window: SnippetWindow, denoiser: Denoiser,
-                 feature_tpca: wf.TemporalPCA, cfg, dedup_samples: int, device="cpu", subtract=True):
-        super().__init__(recording, return_output=True)
+                 cfg, dedup_samples: int, device="cpu", subtract=True, return_output=(True, True, False)):
+        super().__init__(recording, return_output=return_output)
         # subtract=False: plain threshold detection with the same features (the yardstick
         # subtraction is measured against in benchmarks/detection_recall.py)
         self.subtract = subtract
         self.geometry = geometry
         self.window = window
         self.denoiser = denoiser
-        self.feature_tpca = feature_tpca.to(device)
         self.threshold = cfg.voltage_threshold
         self.peak_sign = cfg.peak_sign
         self.accept = cfg.initial_threshold ** 2
@@ -263,7 +273,7 @@ class SubtractionPeeler(PeakDetector):
         times, chans, waves = times[keep], chans[keep], waves[keep]
         if not self.subtract:
             waves = torch.zeros_like(waves)  # nothing was subtracted: the residual is the data
-        return self.featurize(residual, times, chans, waves, segment_index)
+        return self.collision_cleaned(residual, times, chans, waves, segment_index)
 
     def detect(self, residual):
         """Threshold crossings and their denoised waveforms (used to align them), nothing subtracted."""
@@ -350,26 +360,61 @@ class SubtractionPeeler(PeakDetector):
         keep = _decrease(snips, cheap) > PREFILTER_FRACTION * self.accept
         return t[keep], c[keep]
 
-    def featurize(self, residual, times, chans, waves, segment_index):
-        g, w = self.geometry, self.window
-        offsets = w.offsets(self.device)
-        # amplitudes from the collision-cleaned snippet (residual + own waveform), denoised
-        # without the channel gate: small channels matter to the point-source fit
+    def collision_cleaned(self, residual, times, chans, waves, segment_index):
+        """Peaks, denoised amplitude vectors and the collision-cleaned snippets (residual + own
+        waveform) on the subtraction neighbourhood."""
+        g = self.geometry
+        cleaned = wf.cut(residual, times, chans, g.subtraction_index, self.window.offsets(self.device)) + waves
+        # amplitudes denoised without the channel gate: small channels matter to the point-source fit
         loc_mask = wf.neighbour_mask(g.localization_index, chans)
-        cleaned = wf.cut(residual, times, chans, g.localization_index, offsets)
-        cleaned = cleaned + take_channels(waves, g.loc_in_sub[chans])
-        amps = wf.ptp(self.denoiser.denoise_ungated(cleaned, loc_mask))
+        on_loc = take_channels(cleaned, g.loc_in_sub[chans])
+        amps = wf.ptp(self.denoiser.denoise_ungated(on_loc, loc_mask))
         amps = torch.where(loc_mask, amps, torch.nan)
         main_amp = torch.nan_to_num(amps, nan=0.0).amax(1) if len(amps) else torch.zeros(0, device=self.device)
         peaks = _peak_array(times, chans, main_amp, segment_index)
-        locs = localize_amplitude_vectors(amps, chans.cpu().numpy(), g.geom,
+        return peaks, amps.cpu().numpy().astype(np.float32), cleaned
+
+
+class PointSourceLocalizer(PipelineNode):
+    """Child of SubtractionPeeler: the point-source fit (x, y, z, alpha) of each spike's denoised
+    amplitude vector (localization.py)."""
+
+    def __init__(self, recording, parent: SubtractionPeeler, geometry: Geometry, device="cpu"):
+        super().__init__(recording, return_output=True, parents=[parent])
+        self.geometry = geometry
+        self.device = device
+
+    def get_dtype(self):
+        return np.dtype("float32")
+
+    def compute(self, traces, peaks, amps, cleaned):
+        g = self.geometry
+        locs = localize_amplitude_vectors(amps, peaks["channel_index"], g.geom,
                                           g.localization_index.cpu().numpy(), device=self.device)
-        cleaned = wf.cut(residual, times, chans, g.featurization_index, offsets)
-        cleaned = cleaned + take_channels(waves, g.feat_in_sub[chans])
-        cleaned = cleaned[:, w.feature_start: w.feature_end]
-        feats = self.feature_tpca.transform(cleaned) * wf.neighbour_mask(g.featurization_index, chans)[:, None, :]
-        return (peaks, locs.astype(np.float32), amps.cpu().numpy().astype(np.float32),
-                feats.cpu().numpy().astype(np.float32))
+        return locs.astype(np.float32)
+
+
+class CollisionCleanedFeatures(PipelineNode):
+    """Child of SubtractionPeeler: temporal-PCA features of each spike's collision-cleaned snippet
+    on the featurization neighbourhood (n, rank, K_feat), zero on padding channels."""
+
+    def __init__(self, recording, parent: SubtractionPeeler, geometry: Geometry, window: SnippetWindow,
+                 feature_tpca: wf.TemporalPCA, device="cpu"):
+        super().__init__(recording, return_output=True, parents=[parent])
+        self.geometry = geometry
+        self.window = window
+        self.feature_tpca = feature_tpca.to(device)
+        self.device = device
+
+    def get_dtype(self):
+        return np.dtype("float32")
+
+    def compute(self, traces, peaks, amps, cleaned):
+        g, w = self.geometry, self.window
+        chans = torch.as_tensor(peaks["channel_index"], device=self.device)
+        on_feat = take_channels(cleaned, g.feat_in_sub[chans])[:, w.feature_start: w.feature_end]
+        feats = self.feature_tpca.transform(on_feat) * wf.neighbour_mask(g.featurization_index, chans)[:, None, :]
+        return feats.cpu().numpy().astype(np.float32)
 
 
 def _rows_near(times, window, n_rows):

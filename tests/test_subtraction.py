@@ -10,7 +10,7 @@ from dartsort_si import waveforms as wf
 from dartsort_si.config import DARTsortUserConfig
 from dartsort_si.denoisers import shipped_single_channel_denoiser
 from dartsort_si.ground_truth import neuropixels_probe
-from dartsort_si.subtraction import Denoiser, Geometry, SnippetWindow, SubtractionPeeler, ThresholdDetector
+from dartsort_si.subtraction import Denoiser, Geometry, SnippetWindow, ThresholdDetector, subtraction_nodes
 
 
 def _found_both(peaks, events):
@@ -55,8 +55,8 @@ JOB = dict(n_jobs=1, chunk_size=30000, progress_bar=False)
 
 def test_subtraction_separates_overlapping_spikes(overlapping_pairs):
     rec, g, w, den, ftpca, cfg, events = overlapping_pairs
-    node = SubtractionPeeler(rec, g, w, den, ftpca, cfg, 8)
-    peaks = run_node_pipeline(rec, [node], dict(n_jobs=1, chunk_size=30000, progress_bar=False), squeeze_output=False)[0]
+    nodes = subtraction_nodes(rec, g, w, den, ftpca, cfg, 8)
+    peaks = run_node_pipeline(rec, nodes, dict(n_jobs=1, chunk_size=30000, progress_bar=False), squeeze_output=False)[0]
     thr = run_node_pipeline(rec, [ThresholdDetector(rec, g, w, 3.0, 'both', 8, localize=False)], dict(n_jobs=1, chunk_size=30000, progress_bar=False))
 
     sub_both = _found_both(peaks, events)
@@ -71,8 +71,8 @@ def test_threshold_only_mode_detects_without_subtracting(overlapping_pairs):
     """subtract=False (the yardstick of benchmarks/detection_recall.py): crossings only,
     so the hidden second spike of a pair is often missed, with the same outputs."""
     rec, g, w, den, ftpca, cfg, events = overlapping_pairs
-    node = SubtractionPeeler(rec, g, w, den, ftpca, cfg, 8, subtract=False)
-    peaks, locs, amps, feats = run_node_pipeline(rec, [node], JOB, squeeze_output=False)
+    nodes = subtraction_nodes(rec, g, w, den, ftpca, cfg, 8, subtract=False)
+    peaks, amps, locs, feats = run_node_pipeline(rec, nodes, JOB, squeeze_output=False)
     both = _found_both(peaks, events)
     print(f"threshold-only peeler: both spikes found in {both}/20")
     assert both <= 15  # subtraction: >= 18
