@@ -99,13 +99,14 @@ def build_config(config_file, sets):
 
 def sort(args) -> int:
     from . import dartsort
+    from .sorter import to_spikeinterface
 
     cfg = build_config(args.config, args.set)  # config errors before the recording is opened
     recording = read_input(args.input, args.probe, args.sampling_frequency, args.num_channels, args.dtype,
                            args.stream_id)
     output = Path(args.output)
     result = dartsort(recording, output, cfg=cfg, overwrite=args.overwrite)
-    sorting = result["sorting"].to_numpy_sorting()
+    sorting = to_spikeinterface(result, recording)  # with the unit properties run_sorter gives
     sorting.save(folder=output / "sorting", overwrite=True)
     logger.info("dartsort: %d units; SpikeInterface sorting in %s", len(sorting.unit_ids), output / "sorting")
     return 0

@@ -75,9 +75,7 @@ class DARTsortSorter(BaseSorter):
         cfg = config_from_params(params, recording.sampling_frequency)
         work = Path(sorter_output_folder) / "dartsort"
         result = dartsort(recording, work, cfg)
-        sorting = result["sorting"].to_numpy_sorting()
-        for key, values in unit_properties(result["sorting"], recording, sorting.unit_ids, result["motion"]).items():
-            sorting.set_property(key, values)
+        sorting = to_spikeinterface(result, recording)
         sorting.save(folder=Path(sorter_output_folder) / "final_sorting", overwrite=True)
 
     @classmethod
@@ -111,6 +109,14 @@ def _duration_samples(duration, fs):
     else:
         value = float(duration)
     return int(value * fs)
+
+
+def to_spikeinterface(result, recording):
+    """The SpikeInterface sorting of a DARTsortReturn, with the unit properties below."""
+    sorting = result["sorting"].to_numpy_sorting()
+    for key, values in unit_properties(result["sorting"], recording, sorting.unit_ids, result["motion"]).items():
+        sorting.set_property(key, values)
+    return sorting
 
 
 def unit_properties(dsorting, recording, unit_ids, motion=None) -> dict:

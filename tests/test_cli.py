@@ -118,3 +118,39 @@ def _renders_in_chromium(page, titles, n_units):
     assert [i["alt"] for i in seen["images"]] == titles, seen
     assert all(i["complete"] and i["width"] >= 200 and i["height"] >= 200 for i in seen["images"]), seen
     assert seen["rows"] == n_units + 1  # and the header
+
+
+def _write_nwb(path, rec):
+    """An NWB file as acquisition systems write it: int16 samples with a conversion to volts, and
+    the electrodes table holding the contact positions (rel_x, rel_y)."""
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile
+    from pynwb.ecephys import ElectricalSeries
+
+    nwb = NWBFile("generated", "gt", datetime(2026, 1, 1, tzinfo=timezone.utc))
+    device = nwb.create_device("probe")
+    group = nwb.create_electrode_group("shank0", "generated", "nowhere", device)
+    nwb.add_electrode_column("rel_x", "x on the probe (um)")
+    nwb.add_electrode_column("rel_y", "y on the probe (um)")
+    for x, y in rec.get_channel_locations():
+        nwb.add_electrode(group=group, location="nowhere", rel_x=float(x), rel_y=float(y))
+    region = nwb.create_electrode_table_region(list(range(rec.get_num_channels())), "all")
+    gain_uv = 0.195
+    data = np.round(rec.get_traces() / gain_uv).astype("int16")
+    nwb.add_acquisition(ElectricalSeries(name="ElectricalSeries", data=data, electrodes=region,
+                                         rate=rec.sampling_frequency, conversion=gain_uv * 1e-6))
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+
+
+def test_sort_an_nwb_file(tmp_path, recording):
+    pytest.importorskip("pynwb")
+    rec, gt = recording
+    _write_nwb(tmp_path / "rec.nwb", rec)
+    out = tmp_path / "out"
+    assert main(["sort", str(tmp_path / "rec.nwb"), str(out), *FAST]) == 0
+    sorting = si.load(out / "sorting")
+    assert _well(gt, sorting) >= 3
+    amp = sorting.get_property("amplitude_uv")  # the file's conversion to volts reached the units
+    assert amp is not None and np.all((amp > 10) & (amp < 2000))
