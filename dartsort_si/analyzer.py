@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DARTsortSorting, MotionInfo
-from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
+from .templates import Kriging, Templates, drift_steps, interpolation_reach
 
 
 def to_sorting_analyzer(output_dir, recording, format="memory", folder=None, max_spikes_per_unit=500):
@@ -96,30 +96,20 @@ def _matched_templates(out: Path) -> Templates:
 def _real_templates_and_amplitudes(temps, motion, times_s, template_index, scales, unit_index, n_units):
     """Per unit, the mean of its spikes' scaled templates on the real channels (n_units, L, C), and
     per spike that template's value at the unit's main channel and trough."""
-    n_before = temps.n_before
     kriging = Kriging(motion.rgeom, motion.geom, interpolation_reach(motion.geom))
-    reg_depth = motion.rgeom[temps.main_channels(), 1]
-    shape = (n_units,) + temps.data.shape[1:2] + (len(motion.geom),)
-    total = np.zeros(shape, dtype=np.float64)
-    counts = np.bincount(unit_index, minlength=n_units)
-    drift = np.zeros(len(times_s), dtype=np.int64)
-    for k in np.unique(template_index):
-        on = template_index == k
-        drift[on] = quantized_drift(motion.uncorrect_s(times_s[on], np.full(on.sum(), reg_depth[k])) - reg_depth[k])
-    groups = np.unique(np.stack([template_index, drift, unit_index]), axis=1).T
-    moved = {}
-    for k, d, u in groups:
-        w, _ = kriging.weights(-d * DRIFT_STEP_UM)
-        moved[k, d] = temps.data[k] @ w.T
-        on = (template_index == k) & (drift == d) & (unit_index == u)
-        total[u] += scales[on].sum() * moved[k, d]
-    average = (total / np.maximum(counts, 1)[:, None, None]).astype(np.float32)
-    main = np.abs(average[:, n_before]).argmax(1)
-    amplitudes = np.zeros(len(times_s))
-    for k, d, u in groups:
-        on = (template_index == k) & (drift == d) & (unit_index == u)
-        amplitudes[on] = scales[on] * moved[k, d][n_before, main[u]]
-    return average, amplitudes
+    drift = drift_steps(motion, times_s, motion.rgeom[temps.main_channels(), 1][template_index])
+    # spikes of one template at one drift step, in one unit, share their real-probe template
+    groups, group_of = np.unique(np.stack([template_index, drift, unit_index]), axis=1, return_inverse=True)
+    moved = np.stack([kriging.at_drift(temps.data[k], d) for k, d, _ in groups.T])  # (G, L, C)
+    group_units = groups[2]
+    # (n_units, G): each group's summed scales, divided by its unit's spike count
+    weights = np.zeros((n_units, len(moved)))
+    weights[group_units, np.arange(len(moved))] = np.bincount(group_of, weights=scales, minlength=len(moved))
+    weights /= np.maximum(np.bincount(unit_index, minlength=n_units), 1)[:, None]
+    average = (weights @ moved.reshape(len(moved), -1)).reshape((n_units,) + moved.shape[1:]).astype(np.float32)
+    main = np.abs(average[:, temps.n_before]).argmax(1)
+    at_main = moved[np.arange(len(moved)), temps.n_before, main[group_units]]
+    return average, scales * at_main[group_of]
 
 
 def _set_extension(analyzer, name, params, **data):

@@ -18,7 +18,7 @@ from spikeinterface.core.node_pipeline import PeakDetector
 
 from . import waveforms as wf
 from .localization import localize_amplitude_vectors
-from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
+from .templates import Kriging, Templates, drift_steps, interpolation_reach
 
 spike_dtype = np.dtype([
     ("sample_index", "int64"), ("channel_index", "int64"), ("amplitude", "float32"),
@@ -95,14 +95,10 @@ class TemplateMatcher(PeakDetector):
     def chunk_templates(self, t_mid_s):
         """(K, U, L, C) templates on the real probe at time t_mid_s: real channel c
         of a unit displaced by d shows the registered template at geom[c] - d."""
-        k = self.templates.n_units
-        times = np.full(k, t_mid_s)
-        depths = self.motion_info.uncorrect_s(times, self.unit_reg_depths)
-        drift = quantized_drift(depths - self.unit_reg_depths)
+        drift = drift_steps(self.motion_info, np.full(self.templates.n_units, t_mid_s), self.unit_reg_depths)
         out = np.zeros(self.upsampled.shape[:3] + (len(self.motion_info.geom),), np.float32)
         for d in np.unique(drift):
-            w, _ = self.kriging.weights(-d * DRIFT_STEP_UM)
-            out[drift == d] = self.upsampled[drift == d] @ w.T
+            out[drift == d] = self.kriging.at_drift(self.upsampled[drift == d], d)
         return torch.as_tensor(out, device=self.device)
 
     def compute(self, traces, start_frame, end_frame, segment_index, max_margin):

@@ -128,6 +128,12 @@ class Kriging:
         new._cache = {}
         return new
 
+    def at_drift(self, data: np.ndarray, steps: int) -> np.ndarray:
+        """(..., L, R) registered templates on the real channels (..., L, C) when displaced by
+        `steps` drift steps: real channel c reads the registered template at geom[c] - d."""
+        w, _ = self.weights(-steps * DRIFT_STEP_UM)
+        return data @ w.T
+
     def weights(self, dz: float = 0.0):
         key = round(dz / DRIFT_STEP_UM)
         if key not in self._cache:
@@ -148,6 +154,12 @@ def interpolation_reach(geom: np.ndarray) -> float:
 
 def quantized_drift(displacement_um: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(displacement_um, float) / DRIFT_STEP_UM).astype(np.int64)
+
+
+def drift_steps(motion_info, times_s, reg_depths_um) -> np.ndarray:
+    """Displacement, in DRIFT_STEP_UM steps, at times_s of sources at registered depths."""
+    reg_depths_um = np.asarray(reg_depths_um, float)
+    return quantized_drift(motion_info.uncorrect_s(times_s, reg_depths_um) - reg_depths_um)
 
 
 def sample_spikes(labels: np.ndarray, max_per_unit: int, seed: int = 0) -> np.ndarray:
