@@ -46,9 +46,11 @@ ECHO_CLUSTER_MS = 1.5
 # Before the mixture the window stays short: there, echoes still share a cluster with a real
 # small unit, and the whole cluster would go (NP1 seed 2: an SNR-5 unit 21 um from an SNR-42 one).
 ECHO_CLUSTER_FRACTION = 0.5
-# after matching, residual crossings at this level (noise units) that cluster become new units:
-# high enough that noise alone almost never crosses it on the whole probe
-LEFTOVER_THRESHOLD = 6.0
+# after matching, peaks of the residual's matched-filter score (matching.matched_filter_score, in
+# its noise sd) at this level that cluster become new units. Static NP1 seed 1 (60 s x 128 ch):
+# 719 events, 45 of them away from any true spike; four units of SNR 2.5-3.7 that no step had
+# found gave 80-180 events each and one pure cluster each (a 6 sd voltage threshold: 0-13 events)
+LEFTOVER_THRESHOLD = 5.0
 # log-amplitude axis scale in clustering: a factor e in amplitude spans this many um
 AMPLITUDE_SCALE_UM = 50.0
 DECOLLIDER_MAX_SECONDS = 120.0  # cap for long recordings; short ones get less (see fit_models)

@@ -74,3 +74,35 @@ def test_find_spikes_from_templates_with_dartsort():
         if snr[i] > 5:
             assert cmp.get_ordered_agreement_scores().loc[unit, i] > 0.9, (unit, snr[i], perf.loc[unit])
     assert np.median(spikes["amplitude"]) == pytest.approx(1.0, abs=0.15)
+
+
+def test_templates_averaged_from_few_spikes_still_match_their_units():
+    # A template averaged from 8 spikes carries noise of energy ~90 x 32 / 8 = 360 (noise units
+    # squared), more than a small unit's own (~200). Counted in the template's norm while the
+    # objective's low-rank convolution did not see it, it kept every spike of such units from
+    # being taken (recall 0 for the three units of energy ~200, before matching used the
+    # low-rank templates throughout)
+    from spikeinterface.core import get_noise_levels
+    from spikeinterface.sortingcomponents.matching import find_spikes_from_templates
+
+    rec, gt = si.generate_ground_truth_recording(durations=[20.0], num_channels=32, num_units=8, seed=3,
+                                                 generate_templates_kwargs=dict(unit_params=dict(alpha=(50.0, 150.0))))
+    rec = si.highpass_filter(rec, freq_min=300.0)
+    noise = get_noise_levels(rec, return_in_uV=False)
+    clean = si.create_sorting_analyzer(gt, rec, sparse=False)
+    clean.compute("random_spikes", max_spikes_per_unit=1000, seed=0)
+    clean.compute("templates")
+    energy = ((clean.get_extension("templates").get_data() / noise) ** 2).sum((1, 2))
+    few = si.create_sorting_analyzer(gt, rec, sparse=False)
+    few.compute("random_spikes", max_spikes_per_unit=8, seed=0)
+    few.compute("templates")
+    spikes = find_spikes_from_templates(
+        rec, few.get_extension("templates").get_data(outputs="Templates"), method="dartsort",
+        method_kwargs=dict(noise_levels=noise), job_kwargs=dict(n_jobs=2, progress_bar=False))
+    found = si.NumpySorting.from_samples_and_labels(
+        [spikes["sample_index"]], [spikes["cluster_index"]], rec.sampling_frequency, unit_ids=np.arange(len(gt.unit_ids)))
+    recall = si.compare_sorter_to_ground_truth(gt, found, exhaustive_gt=True).get_performance()["recall"]
+    assert (energy > 150).sum() == 7
+    for i, unit in enumerate(gt.unit_ids):
+        if energy[i] > 150:
+            assert recall[unit] > 0.9, (unit, energy[i], recall[unit])

@@ -98,3 +98,44 @@ def test_pieces_of_one_unit_and_similar_amplitudes_are_not_echoes():
     similar = time_locked_echoes(times, templates, np.array([40.0, 25.0]), np.array([0, 1]),
                                  window=79, duration=1_800_000)
     assert not same_unit.any() and not similar.any()
+
+
+def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
+    # a unit of peak 2.3 noise sd on its main channel, spread over ~10 channels (energy ~110):
+    # a 6 sd voltage threshold catches none of its spikes; the matched filter most of them
+    import spikeinterface.core as sc
+    from probeinterface import generate_linear_probe
+
+    from dartsort_si.config import load_config
+    from dartsort_si.data import MotionInfo
+    from dartsort_si.steps import LEFTOVER_THRESHOLD
+    from dartsort_si.subtraction import Geometry
+    from dartsort_si.templates import Templates
+
+    rng = np.random.default_rng(0)
+    n_chans, length, n_before, n = 32, 121, 42, 30_000
+    geom = np.c_[np.tile([0.0, 32.0], n_chans // 2), np.repeat(np.arange(n_chans // 2) * 20.0, 2)]
+    t = np.arange(length) - n_before
+    wave = -np.exp(-0.5 * (t / 4.0) ** 2) + 0.4 * np.exp(-0.5 * ((t - 12) / 8.0) ** 2)
+    spread = np.exp(-np.linalg.norm(geom - geom[15], axis=1) ** 2 / (2 * 25.0 ** 2))
+    template = (2.6 * wave[:, None] * spread[None, :]).astype(np.float32)
+    times = np.arange(1000, n - 1000, 290)
+    traces = rng.standard_normal((n, n_chans)).astype(np.float32)
+    for s in times:
+        traces[s - n_before: s - n_before + length] += template
+    assert np.abs(template).max() < 3 and (template ** 2).sum() < 130
+    rec = sc.NumpyRecording(traces, 30_000.0)
+    probe = generate_linear_probe(num_elec=n_chans)
+    probe.set_contacts(geom)
+    probe.set_device_channel_indices(np.arange(n_chans))
+    rec.set_probe(probe, in_place=True)
+    cfg = load_config({})
+    matcher = TemplateMatcher(rec, Templates(template[None], np.array([0]), np.array([100]), n_before),
+                              MotionInfo.from_motion_est(geom=geom, rgeom=geom), cfg, Geometry.build(geom, cfg),
+                              leftover_threshold=LEFTOVER_THRESHOLD)
+    margin = matcher.get_margin()
+    found = matcher.leftovers(torch.as_tensor(traces), start_frame=margin)["sample_index"]
+    near = np.abs(found[:, None] - times[None, :]).min(1) <= 2
+    caught = np.abs(times[:, None] - found[None, :]).min(1) <= 2
+    assert caught.mean() > 0.6, caught.mean()
+    assert (~near).sum() <= 0.1 * len(found)
