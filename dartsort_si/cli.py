@@ -25,15 +25,30 @@ RAW_SUFFIXES = (".bin", ".dat", ".raw")
 
 
 def read_input(path, probe=None, sampling_frequency=None, num_channels=None, dtype=None, stream_id=None):
-    """A SpikeInterface recording from a path, by what the path holds."""
-    import spikeinterface.extractors as se
-    import spikeinterface.full as si
-
+    """A SpikeInterface recording from a path, by what the path holds; `probe` (a probeinterface
+    .json or .prb file) is attached to it, replacing any probe the files describe."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     if path.is_file() and path.suffix in RAW_SUFFIXES:
-        return _read_raw(path, probe, sampling_frequency, num_channels, dtype)
+        missing = [name for name, v in [("--probe", probe), ("--sampling-frequency", sampling_frequency),
+                                        ("--num-channels", num_channels), ("--dtype", dtype)] if v is None]
+        if missing:
+            raise ValueError(f"A raw binary file needs {', '.join(missing)}.")
+        import spikeinterface.full as si
+
+        rec = si.read_binary(path, sampling_frequency=sampling_frequency, num_channels=num_channels, dtype=dtype)
+    else:
+        rec = _read_known_format(path, stream_id)
+    if probe is not None:
+        _attach_probe(rec, Path(probe))
+    return rec
+
+
+def _read_known_format(path, stream_id):
+    import spikeinterface.extractors as se
+    import spikeinterface.full as si
+
     if path.is_file() and path.suffix == ".nwb":
         return se.read_nwb_recording(path)
     if path.is_dir() and any(path.rglob("*.ap.meta")):
@@ -60,19 +75,15 @@ def _first_stream(fmt, path, suffix):
     return chosen[0]
 
 
-def _read_raw(path, probe, sampling_frequency, num_channels, dtype):
+def _attach_probe(rec, probe_path: Path):
     import probeinterface as pi
-    import spikeinterface.full as si
 
-    missing = [name for name, v in [("--probe", probe), ("--sampling-frequency", sampling_frequency),
-                                    ("--num-channels", num_channels), ("--dtype", dtype)] if v is None]
-    if missing:
-        raise ValueError(f"A raw binary file needs {', '.join(missing)}.")
-    rec = si.read_binary(path, sampling_frequency=sampling_frequency, num_channels=num_channels, dtype=dtype)
-    probe_path = Path(probe)
     group = pi.read_prb(probe_path) if probe_path.suffix == ".prb" else pi.read_probeinterface(probe_path)
-    rec.set_probegroup(group)
-    return rec
+    n_contacts = sum(p.get_contact_count() for p in group.probes)
+    if n_contacts != rec.get_num_channels():
+        raise ValueError(f"The probe file {probe_path} has {n_contacts} contacts, the recording "
+                         f"{rec.get_num_channels()} channels.")
+    rec.set_probegroup(group)  # in place in SpikeInterface 0.105
 
 
 def parse_sets(items) -> dict:
@@ -140,8 +151,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--stream-id", help="which stream of a multi-stream folder (default: the first AP stream)")
     r = sub.add_parser("report", help="write OUTPUT/report.html for a finished sort")
     r.add_argument("output", help="a dartsort output folder (or a run_sorter folder)")
+    s.add_argument("--probe", help="probeinterface .json or .prb file: the probe of a raw binary file, or of "
+                   "a recording whose files describe none (e.g. Open Ephys without probe settings)")
     raw = s.add_argument_group("raw binary input")
-    raw.add_argument("--probe", help="probeinterface .json or .prb file")
     raw.add_argument("--sampling-frequency", type=float)
     raw.add_argument("--num-channels", type=int)
     raw.add_argument("--dtype")

@@ -271,32 +271,45 @@ def _rejoin_one_neuron(feats, times, sub, boundary, components, refractory):
 
 
 def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_channel_gap=8) -> Templates:
-    """Merge units whose registered templates match within MERGE_DISTANCE.
+    """Merge units whose registered templates match within MERGE_DISTANCE, closest pair first.
 
     The distance (template_distance) fits the amplitude scale only within
     1 +/- amplitude_boundary, the scale matching itself allows: two units on
     the same channels whose amplitudes differ more than that are two neurons.
-    Merged templates are count-weighted means.
+    A merged pair becomes one template (count-weighted mean) before the next pair
+    is looked at, so a group is joined only where its mean matches: merging every
+    close pair at once chained two neurons through a small cluster holding spikes of
+    both (60 s x 128 ch NP1 drifting seed 1: units of SNR 17 and 12, 26 um apart and
+    1.7x apart in amplitude, became one unit of 728 spikes).
     """
-    k = temps.n_units
-    data = torch.as_tensor(temps.data, dtype=torch.float32)
-    main = temps.main_channels()
-    parent = list(range(k))
-    for i in range(k):
-        for j in range(i + 1, k):
-            if abs(main[i] - main[j]) > max_channel_gap:
-                continue
-            if template_distance(data[i], data[j], amplitude_boundary, max_shift) < MERGE_DISTANCE:
-                parent[_find(parent, j)] = _find(parent, i)
-    roots = np.array([_find(parent, i) for i in range(k)])
-    keep = np.unique(roots)
-    if len(keep) == k:
+    data = [torch.as_tensor(t, dtype=torch.float32) for t in temps.data]
+    counts = [float(c) for c in temps.counts]
+    main = list(temps.main_channels())
+    alive = list(range(temps.n_units))
+
+    def distance(i, j):
+        if abs(main[i] - main[j]) > max_channel_gap:
+            return np.inf
+        return template_distance(data[i], data[j], amplitude_boundary, max_shift)
+
+    pairs = {(i, j): distance(i, j) for n, i in enumerate(alive) for j in alive[n + 1:]}
+    while pairs:
+        (i, j), d = min(pairs.items(), key=lambda item: item[1])
+        if d >= MERGE_DISTANCE:
+            break
+        weights = np.array([counts[i], counts[j]]) + 1e-9
+        data[i] = (data[i] * weights[0] + data[j] * weights[1]) / weights.sum()
+        counts[i] += counts[j]
+        main[i] = int((data[i].amax(0) - data[i].amin(0)).argmax())
+        alive.remove(j)
+        pairs = {pair: v for pair, v in pairs.items() if i not in pair and j not in pair}
+        pairs.update({(min(i, m), max(i, m)): distance(i, m) for m in alive if m != i})
+    if len(alive) == temps.n_units:
         return temps
-    logger.info("dartsort: merged %d units into %d", k, len(keep))
-    merged = np.stack([np.average(temps.data[roots == r], axis=0, weights=temps.counts[roots == r] + 1e-9)
-                       for r in keep])
-    counts = np.array([temps.counts[roots == r].sum() for r in keep])
-    return Templates(merged.astype(np.float32), temps.unit_ids[keep], counts, temps.n_before)
+    logger.info("dartsort: merged %d units into %d", temps.n_units, len(alive))
+    merged = np.stack([data[i].numpy() for i in alive]).astype(np.float32)
+    return Templates(merged, temps.unit_ids[alive], np.array([counts[i] for i in alive]).astype(temps.counts.dtype),
+                     temps.n_before)
 
 
 def template_distance(a, b, amplitude_boundary, max_shift=3):

@@ -8,7 +8,7 @@ import probeinterface as pi
 import pytest
 import spikeinterface.full as si
 
-from dartsort_si.cli import main, parse_sets
+from dartsort_si.cli import main, parse_sets, read_input
 
 FAST = ["--set", "nn_denoiser_class_name=SingleChannelWaveformDenoiser", "--set", "preprocessing=standardize"]
 
@@ -154,3 +154,81 @@ def test_sort_an_nwb_file(tmp_path, recording):
     assert _well(gt, sorting) >= 3
     amp = sorting.get_property("amplitude_uv")  # the file's conversion to volts reached the units
     assert amp is not None and np.all((amp > 10) & (amp < 2000))
+
+
+def _write_spikeglx(folder, traces_uv, fs):
+    """A SpikeGLX run folder with one Neuropixels 1.0 probe's AP stream (int16, gain 500, the
+    first traces_uv.shape[1] channels saved plus the sync channel), written from its format."""
+    n_saved = traces_uv.shape[1]
+    imec = folder / "run_g0" / "run_g0_imec0"
+    imec.mkdir(parents=True)
+    uv_per_bit = 0.6 / 512 / 500 * 1e6
+    data = np.zeros((len(traces_uv), n_saved + 1), np.int16)
+    data[:, :n_saved] = np.clip(np.round(traces_uv / uv_per_bit), -32768, 32767)
+    (imec / "run_g0_t0.imec0.ap.bin").write_bytes(data.tobytes())
+    meta = {
+        "acqApLfSy": "384,384,1", "fileName": "run_g0_t0.imec0.ap.bin", "fileSizeBytes": data.nbytes, "fileTimeSecs": len(data) / fs, "firstSample": 0,
+        "imAiRangeMax": 0.6, "imAiRangeMin": -0.6, "imMaxInt": 512, "imDatPrb_pn": "PRB_1_4_0480_1",
+        "imDatPrb_type": 0, "imSampRate": fs, "nSavedChans": n_saved + 1, "snsApLfSy": f"{n_saved},0,1",
+        "snsSaveChanSubset": f"0:{n_saved - 1},768", "typeThis": "imec",
+        "~imroTbl": "(0,384)" + "".join(f"({c} 0 0 500 250 1)" for c in range(384)),
+        "~snsChanMap": f"({n_saved},0,1)" + "".join(f"(AP{c};{c}:{c})" for c in range(n_saved)) + f"(SY0;{n_saved}:768)",
+        "~snsShankMap": "(1,2,480)" + "".join(f"(0:{c % 2}:{c // 2}:1)" for c in range(n_saved)),
+    }
+    (imec / "run_g0_t0.imec0.ap.meta").write_text("".join(f"{k}={v}\n" for k, v in meta.items()))
+    return folder / "run_g0"
+
+
+def test_sort_a_spikeglx_folder(tmp_path):
+    # the folder is recognised, its probe (Neuropixels 1.0 staggered columns) and its gains to uV
+    # are read from the .meta, and the int16 samples are sorted in uV
+    n_chans = 32
+    probe = pi.Probe(ndim=2)
+    probe.set_contacts(np.c_[np.array([16.0, 48.0, 0.0, 32.0])[np.arange(n_chans) % 4], 20.0 * (np.arange(n_chans) // 2)],
+                       shapes="square", shape_params=dict(width=12))
+    probe.set_device_channel_indices(np.arange(n_chans))
+    rec, gt = si.generate_ground_truth_recording(durations=[8.0], probe=probe, num_units=4, seed=5)
+    folder = _write_spikeglx(tmp_path, rec.get_traces(), rec.sampling_frequency)
+    read = read_input(folder)
+    assert read.get_num_channels() == n_chans and read.get_dtype() == np.int16
+    assert np.allclose(read.get_channel_locations(), probe.contact_positions)
+    assert np.allclose(read.get_channel_gains(), 0.6 / 512 / 500 * 1e6)
+    out = tmp_path / "out"
+    assert main(["sort", str(folder), str(out), "--set", "nn_denoiser_class_name=SingleChannelWaveformDenoiser"]) == 0
+    assert _well(gt, si.load(out / "sorting")) >= 3
+
+
+def _write_open_ephys(folder, traces_uv, fs, bit_volts=0.195):
+    """An Open Ephys binary-format session (one int16 stream, no probe settings), from its format."""
+    import json
+
+    rec_dir = folder / "session" / "Record Node 101" / "experiment1" / "recording1"
+    stream = "Acquisition_Board-100.Rhythm Data"
+    (rec_dir / "continuous" / stream).mkdir(parents=True)
+    n, c = traces_uv.shape
+    data = np.clip(np.round(traces_uv / bit_volts), -32768, 32767).astype(np.int16)
+    (rec_dir / "continuous" / stream / "continuous.dat").write_bytes(data.tobytes())
+    np.save(rec_dir / "continuous" / stream / "sample_numbers.npy", np.arange(n, dtype=np.int64))
+    np.save(rec_dir / "continuous" / stream / "timestamps.npy", np.arange(n) / fs)
+    channels = [{"channel_name": f"CH{i + 1}", "description": "", "identifier": "", "history": "",
+                 "bit_volts": bit_volts, "units": "uV", "source_processor_index": i, "recorded_processor_index": i}
+                for i in range(c)]
+    oebin = {"GUI version": "0.6.7", "events": [], "spikes": [], "continuous": [{
+        "folder_name": stream + "/", "sample_rate": fs, "source_processor_name": "Acquisition Board",
+        "source_processor_id": 100, "stream_name": "Rhythm Data", "recorded_processor": "Acquisition Board",
+        "recorded_processor_id": 100, "num_channels": c, "channels": channels}]}
+    (rec_dir / "structure.oebin").write_text(json.dumps(oebin))
+    return folder / "session"
+
+
+def test_sort_an_open_ephys_folder_with_a_probe_file(tmp_path, recording, capsys):
+    # Open Ephys without probe settings describes no probe: refused with the fix named, then
+    # sorted with --probe
+    rec, gt = recording
+    folder = _write_open_ephys(tmp_path, rec.get_traces(), rec.sampling_frequency)
+    assert main(["sort", str(folder), str(tmp_path / "refused"), *FAST]) == 2
+    assert "set_probe" in capsys.readouterr().err
+    pi.write_probeinterface(tmp_path / "probe.json", rec.get_probe())
+    out = tmp_path / "out"
+    assert main(["sort", str(folder), str(out), "--probe", str(tmp_path / "probe.json"), *FAST]) == 0
+    assert _well(gt, si.load(out / "sorting")) >= 3

@@ -128,7 +128,7 @@ def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
     probe = generate_linear_probe(num_elec=n_chans)
     probe.set_contacts(geom)
     probe.set_device_channel_indices(np.arange(n_chans))
-    rec.set_probe(probe, in_place=True)
+    rec.set_probe(probe)
     cfg = load_config({})
     matcher = TemplateMatcher(rec, Templates(template[None], np.array([0]), np.array([100]), n_before),
                               MotionInfo.from_motion_est(geom=geom, rgeom=geom), cfg, Geometry.build(geom, cfg),

@@ -263,6 +263,16 @@ def test_units_2x_apart_in_amplitude_never_merge():
     assert merge_templates(close, amplitude_boundary=BOUND).n_units == 1
 
 
+def test_two_units_are_not_chained_together_through_a_small_cluster_between_them():
+    # A and C: one channel set, 2x apart in amplitude (two neurons); B: a small cluster of
+    # spikes of both, in between and close to each. Merging every close pair at once made
+    # one unit of all three
+    chain = _templates([_template(20.0), _template(14.5), _template(10.0)], counts=[300, 30, 300])
+    merged = merge_templates(chain, amplitude_boundary=BOUND)
+    assert merged.n_units == 2
+    assert merged.counts.tolist() == [330, 300]
+
+
 def test_leftover_events_form_a_new_unit():
     rng = np.random.default_rng(4)
     geom = np1_geom()
