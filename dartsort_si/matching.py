@@ -41,7 +41,7 @@ OVERLAP_PTP = 0.5
 # by its energy over time and channels. The threshold (steps.LEFTOVER_THRESHOLD) was measured.
 # A second, 40 um width (for distant units spread thinly over many channels) lost an SNR-7 unit
 # on NP1 drifting seed 5 and found none: one width, one Neuropixels row pitch.
-LEFTOVER_SIGMAS_UM = (20.0,)
+LEFTOVER_SIGMA_UM = 20.0
 MAD_STRIDE = 5
 
 
@@ -99,8 +99,7 @@ class TemplateMatcher(PeakDetector):
         self.kriging = Kriging(rgeom, motion_info.geom, interpolation_reach(motion_info.geom))
         if leftover_threshold is not None:
             self.prototype = torch.as_tensor(prototype_waveform(templates), device=device)
-            self.spatial = [torch.as_tensor(gaussian_weights(motion_info.geom, sigma), device=device)
-                            for sigma in LEFTOVER_SIGMAS_UM]
+            self.spatial = torch.as_tensor(gaussian_weights(motion_info.geom, LEFTOVER_SIGMA_UM), device=device)
 
     def get_margin(self):
         return 2 * self.length
@@ -325,26 +324,22 @@ def gaussian_weights(geom: np.ndarray, sigma_um: float) -> np.ndarray:
     return np.where(d <= 3 * sigma_um, np.exp(-0.5 * (d / sigma_um) ** 2), 0.0).astype(np.float32)
 
 
-def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatials, n_before: int):
+def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatial: torch.Tensor, n_before: int):
     """(per channel, score), both (T, C). per channel: the traces correlated with the prototype,
     its trough at n_before aligned on each time (the least-squares amplitude of the unit-norm
-    prototype there). score: per channel summed over nearby channels with each of the weight
-    matrices `spatials`, each in units of its own noise (median absolute deviation, per channel,
-    on every MAD_STRIDE-th sample of the chunk), the largest in magnitude kept. The correlation
-    runs through the FFT: as a per-channel convolution it took 1.4 s per 1 s x 128 ch chunk,
-    through the FFT 0.15 s."""
+    prototype there). score: per channel summed over nearby channels with weights `spatial`,
+    in units of its own noise (median absolute deviation, per channel, on every MAD_STRIDE-th
+    sample of the chunk). The correlation runs through the FFT: as a per-channel convolution
+    it took 1.4 s per 1 s x 128 ch chunk, through the FFT 0.15 s."""
     n, length = len(traces), len(prototype)
     size = 1 << (n + length - 2).bit_length()
     spectrum = torch.fft.rfft(traces, n=size, dim=0) * torch.fft.rfft(prototype.flip(0), n=size)[:, None]
     full = torch.fft.irfft(spectrum, n=size, dim=0)
     per_channel = full[length - 1 - n_before: length - 1 - n_before + n]
-    score = None
-    for spatial in spatials:
-        pooled = per_channel @ spatial
-        sample = pooled[::MAD_STRIDE]
-        pooled = pooled / ((sample - sample.median(0).values).abs().median(0).values / 0.6745).clamp(min=1e-6)
-        score = pooled if score is None else torch.where(pooled.abs() > score.abs(), pooled, score)
-    return per_channel, score
+    score = per_channel @ spatial
+    sample = score[::MAD_STRIDE]
+    mad = (sample - sample.median(0).values).abs().median(0).values / 0.6745
+    return per_channel, score / mad.clamp(min=1e-6)
 
 
 def unit_overlaps(templates: torch.Tensor) -> torch.Tensor:
