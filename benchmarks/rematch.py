@@ -7,9 +7,11 @@ on the same subtraction and clustering, in a minute per case instead of a whole 
 A case is a folder of run_benchmark.py's cache (benchmarks/cache/runs/<case>/dartsort, written
 by a benchmark run of dartsort). Its output folder is copied to benchmarks/cache/rematch/<case>,
 the files of the steps from --from on are removed there, and dartsort resumes with the stored
-config (n_jobs as in the benchmark run). Printed per case: every ground-truth unit whose
-accuracy changed by more than 0.05 or stays under 0.8 (with SNR, recall, precision), then a
-RESULT line: well detected before -> after, detectable (SNR >= 5) well detected, units.
+config (n_jobs as in the benchmark run). Both sortings are scored as the benchmark scores them
+(run_benchmark.score_sorting). Printed per case: every ground-truth unit whose accuracy changed by
+more than 0.05 or stays under 0.8 (with its SNR and, when missed, how: absent, merged with which
+units, split), then a RESULT line: well detected before -> after, detectable (SNR >= 5) well
+detected, units.
 """
 
 import argparse
@@ -17,11 +19,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import spikeinterface.full as si
 
 from dartsort_si import dartsort
-from run_benchmark import DEFAULT_CACHE
+from run_benchmark import DEFAULT_CACHE, gt_unit_snrs, score_sorting
 
 # the files of each step and of every step after it, in pipeline order
 STEP_FILES = {
@@ -45,20 +46,18 @@ def rematch(case: str, cache: Path, first_step: str) -> str:
     config = json.loads((work / "dartsort_si.json").read_text())["config"]
     rec = si.load(gt_dir / "recording")
     gt = si.NpzSortingExtractor(gt_dir / "gt_sorting.npz")
-    snr = json.loads((gt_dir / "gt_snr.json").read_text())
-    snrs = np.array([snr[str(u)] for u in gt.unit_ids])
+    snrs = gt_unit_snrs(rec, gt, gt_dir)
     after = dartsort(rec, work, config)["sorting"].to_numpy_sorting()
-    before = si.NpzSortingExtractor(runs / "dartsort" / "sorting.npz")
-    old = si.compare_sorter_to_ground_truth(gt, before, exhaustive_gt=True).get_performance()["accuracy"]
-    perf = si.compare_sorter_to_ground_truth(gt, after, exhaustive_gt=True).get_performance()
-    new = perf["accuracy"]
-    for u, s in zip(gt.unit_ids, snrs):
-        if abs(new[u] - old[u]) > 0.05 or new[u] < 0.8:
-            print(f"  gt {u}: SNR {s:.1f}, accuracy {old[u]:.2f} -> {new[u]:.2f} "
-                  f"(recall {perf['recall'][u]:.2f}, precision {perf['precision'][u]:.2f})")
-    well_old, well_new = old.to_numpy(float) >= 0.8, new.to_numpy(float) >= 0.8
-    return (f"RESULT {case}: well detected {well_old.sum()} -> {well_new.sum()}; detectable "
-            f"{(well_new & (snrs >= 5)).sum()}/{(snrs >= 5).sum()}; units {after.get_num_units()}")
+    before = score_sorting(gt, si.NpzSortingExtractor(runs / "dartsort" / "sorting.npz"), snrs)
+    now = score_sorting(gt, after, snrs)
+    old = dict(zip(before["per_unit"]["unit_ids"], before["per_unit"]["accuracy"]))
+    lost = {loss["unit"]: loss for loss in now["losses"]}
+    for unit, acc in zip(now["per_unit"]["unit_ids"], now["per_unit"]["accuracy"]):
+        if abs(acc - old[unit]) > 0.05 or unit in lost:
+            how = {k: v for k, v in lost.get(unit, {}).items() if k in ("kind", "with_gt", "n_units")}
+            print(f"  gt {unit}: SNR {snrs[unit]:.1f}, accuracy {old[unit]:.2f} -> {acc:.2f} {how or ''}")
+    return (f"RESULT {case}: well detected {before['well_detected']} -> {now['well_detected']}; detectable "
+            f"{now['detectable_well_detected']}/{now['n_detectable']}; units {now['n_units']}")
 
 
 def main():
