@@ -300,7 +300,7 @@ def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_ch
         weights = np.array([counts[i], counts[j]]) + 1e-9
         data[i] = (data[i] * weights[0] + data[j] * weights[1]) / weights.sum()
         counts[i] += counts[j]
-        main[i] = int((data[i].amax(0) - data[i].amin(0)).argmax())
+        main[i] = int(_ptp(data[i]).argmax())
         alive.remove(j)
         pairs = {pair: v for pair, v in pairs.items() if i not in pair and j not in pair}
         pairs.update({(min(i, m), max(i, m)): distance(i, m) for m in alive if m != i})
