@@ -1,8 +1,10 @@
-"""Redo the steps after clustering (templates, matching, leftovers) on a benchmark run's saved
-steps, and compare each ground-truth unit with the stored result: a change to matching measured
-on the same subtraction and clustering, in a minute per case instead of a whole sort.
+"""Redo the steps after subtraction (clustering, templates, matching, leftovers) on a benchmark
+run's saved steps, and compare each ground-truth unit with the stored result: a change to
+clustering or matching measured on the same subtraction, in a minute per case instead of a whole
+sort.
 
     python benchmarks/rematch.py static_np1_60s_128ch_40u_seed1 [more cases] [--from matching1]
+        [--set matching_threshold=6]
 
 A case is a folder of run_benchmark.py's cache (benchmarks/cache/runs/<case>/dartsort, written
 by a benchmark run of dartsort). Its output folder is copied to benchmarks/cache/rematch/<case>,
@@ -26,13 +28,14 @@ from run_benchmark import DEFAULT_CACHE, gt_unit_snrs, score_sorting
 
 # the files of each step and of every step after it, in pipeline order
 STEP_FILES = {
+    "clustering": ["initial_labels.npz"],
     "templates1": ["templates1.npz"],
     "matching1": ["matching1.h5", "matched_templates1.npz"],
     "final": ["dartsort_sorting.npz"],
 }
 
 
-def rematch(case: str, cache: Path, first_step: str) -> str:
+def rematch(case: str, cache: Path, first_step: str, overrides: dict) -> str:
     runs, gt_dir = cache / "runs" / case, cache / "gt" / case
     src = runs / "dartsort" / "sorter" / "sorter_output" / "dartsort"
     work = cache / "rematch" / case
@@ -43,7 +46,9 @@ def rematch(case: str, cache: Path, first_step: str) -> str:
     for step in steps[steps.index(first_step):]:
         for name in STEP_FILES[step]:
             (work / name).unlink(missing_ok=True)
-    config = json.loads((work / "dartsort_si.json").read_text())["config"]
+    marker = json.loads((work / "dartsort_si.json").read_text())
+    config = marker["config"] = marker["config"] | overrides  # the kept steps stay valid
+    (work / "dartsort_si.json").write_text(json.dumps(marker))
     rec = si.load(gt_dir / "recording")
     gt = si.NpzSortingExtractor(gt_dir / "gt_sorting.npz")
     snrs = gt_unit_snrs(rec, gt, gt_dir)
@@ -66,8 +71,11 @@ def main():
     p.add_argument("--from", dest="first_step", choices=list(STEP_FILES), default="matching1",
                    help="first step to redo (default: matching1)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config field to change for the redone steps (value as JSON), repeatable")
     args = p.parse_args()
-    lines = [rematch(case, args.cache_dir, args.first_step) for case in args.cases]
+    overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.overrides)}
+    lines = [rematch(case, args.cache_dir, args.first_step, overrides) for case in args.cases]
     print("\n".join(lines))
 
 

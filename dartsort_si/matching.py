@@ -384,15 +384,22 @@ def time_locked_echoes(times, templates, ptps, units_of, *, window, duration):
         tb = times[members[b]]
         for a in small:
             idx = members[a]
-            which, lag = _pairs_within(times[idx], tb, window)
-            if not len(lag):
-                continue
-            counts = np.bincount(lag + window, minlength=2 * window + 1)
-            around = np.convolve(counts, np.ones(3), mode="same")
-            chance = 3.0 * len(idx) * len(tb) / max(duration, 1)
-            hot = around >= max(ECHO_MIN_COUNT, ECHO_EXCESS * chance)
-            echo[idx[which[hot[lag + window]]]] = True
+            which, hot, _ = hot_lag_pairs(times[idx], tb, window, duration)
+            echo[idx[which[hot]]] = True
     return echo
+
+
+def hot_lag_pairs(ta, tb, window, duration):
+    """(index into ta, hot, lag ta - tb) for every pair of times at most window apart (tb
+    sorted): hot where the pair's lag, with the lags either side, holds at least ECHO_MIN_COUNT
+    pairs and ECHO_EXCESS times what chance gives over `duration` samples."""
+    which, lag = _pairs_within(ta, tb, window)
+    if not len(lag):
+        return which, np.zeros(0, dtype=bool), lag
+    counts = np.bincount(lag + window, minlength=2 * window + 1)
+    around = np.convolve(counts, np.ones(3), mode="same")
+    chance = 3.0 * len(ta) * len(tb) / max(duration, 1)
+    return which, (around >= max(ECHO_MIN_COUNT, ECHO_EXCESS * chance))[lag + window], lag
 
 
 def _pairs_within(ta, tb, window):

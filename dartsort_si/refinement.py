@@ -33,6 +33,7 @@ from scipy.spatial.distance import cdist
 from threadpoolctl import threadpool_limits
 
 from .clustering import _find, _split_once, cluster_spikes, drop_echo_clusters, echo_gaps, echo_mask
+from .matching import hot_lag_pairs
 from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
 
 logger = logging.getLogger("dartsort_si")
@@ -59,6 +60,10 @@ REFRACTORY_MS = (0.5, 2.0)
 # at 1.0 the two events one missed spike leaves (trough and after-peak) flagged each other (82% of a
 # missed unit's events on a 12 s x 48 ch case), at 1.5 0.6% of them
 LEFTOVER_ECHO_RATIO = 1.5
+# a cluster of matching's leftovers with at least this fraction of its events at hot lags
+# (matching.hot_lag_pairs) of one unit's matched spikes is what matching left of that unit's
+# spikes, not a neuron (see drop_time_locked). A real neuron's events fall there by chance only.
+LOCKED_FRACTION = 0.25
 # a unit found among matching's leftovers is dropped when a known unit of about its amplitude has
 # its main channel this close (see drop_known)
 KNOWN_RADIUS_UM = 30.0
@@ -367,6 +372,38 @@ def cluster_leftovers(leftovers, z_reg, matched, geom, *, amplitude_scale, echo_
     labels[keep] = cluster_spikes(leftovers["x"][keep], z_reg[keep], leftovers["amplitude"][keep],
                                   amplitude_scale=amplitude_scale)
     return drop_echo_clusters(labels, late, echo_cluster_fraction)
+
+
+def drop_time_locked(labels, times, spike_times, spike_units, *, window, duration, min_lag):
+    """Labels of leftover events (times) with the clusters time-locked to a matched unit set
+    to -1: LOCKED_FRACTION of a cluster's events or more at hot lags of one unit's spikes,
+    more than min_lag samples from them.
+
+    Such a cluster is a piece of that unit's own spikes that its template leaves behind, seen
+    at a fixed lag: 60 s x 128 ch NP1 drifting seed 5, 236 of a cluster's 379 events sat
+    19-21 samples before the 235 matched spikes of an SNR-7 unit (chance: 0.1 per lag). Added as
+    a unit, its template (that unit's waveform, 20 samples early) took 262 spikes in the next
+    matching pass and left the real unit 30 of its 273: a false unit and a lost one. Template
+    distance does not see it: the shifted copy is 1.5 apart, as it compares shifts of 3 samples.
+    Events within min_lag of a matched spike are that spike itself: a neuron whose spikes a
+    neighbour's template took, badly, is what the leftover search is for (NP2 drifting seeds 4
+    and 5: two SNR 7-8 units, 165 and 275 events at lag 0, lost when they were dropped too).
+    """
+    out = labels.copy()
+    order = np.argsort(spike_times, kind="stable")
+    spike_times, spike_units = np.asarray(spike_times)[order], np.asarray(spike_units)[order]
+    trains = [spike_times[spike_units == k] for k in np.unique(spike_units)]
+    for c in np.unique(labels[labels >= 0]):
+        ta = times[labels == c]
+        for tb in trains:
+            which, hot, lag = hot_lag_pairs(ta, tb, window, duration)
+            hot &= np.abs(lag) > min_lag
+            if len(np.unique(which[hot])) >= LOCKED_FRACTION * len(ta):
+                out[labels == c] = -1
+                logger.info("dartsort: a cluster of %d leftover events is time-locked to a unit's spikes "
+                            "(median lag %d samples); left out", len(ta), np.median(lag[hot]))
+                break
+    return out
 
 
 def drop_known(new: Templates, known: Templates, rgeom, *, amplitude_boundary, radius_um=KNOWN_RADIUS_UM) -> Templates:

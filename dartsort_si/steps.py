@@ -518,6 +518,9 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id) -> 
         leftovers, z_reg, spikes, ctx.geometry.geom, amplitude_scale=AMPLITUDE_SCALE_UM,
         echo_samples=int(ECHO_MS * ctx.fs / 1000), echo_cluster_samples=int(ECHO_CLUSTER_MS * ctx.fs / 1000),
         echo_radius_um=ECHO_RADIUS_UM, echo_cluster_fraction=ECHO_CLUSTER_FRACTION)
+    labels = refinement.drop_time_locked(labels, leftovers["sample_index"], spikes["sample_index"],
+                                         spikes["unit_index"], window=ctx.echo_window_samples,
+                                         duration=ctx.rec.get_total_samples(), min_lag=ctx.dedup_samples)
     if labels.max(initial=-1) < 0:
         return temps.subset(np.zeros(temps.n_units, bool))
     w = ctx.window

@@ -14,6 +14,7 @@ from dartsort_si.refinement import (
     cluster_leftovers,
     drift_piece_units,
     drop_known,
+    drop_time_locked,
     merge_templates,
     shift_operators,
     split_units,
@@ -313,6 +314,26 @@ def test_leftover_echoes_of_matched_spikes_are_no_unit():
                                echo_samples=15, echo_cluster_samples=45, echo_radius_um=150.0,
                                echo_cluster_fraction=0.5)
     assert (labels == -1).all()
+
+
+def test_leftover_cluster_time_locked_to_a_unit_is_no_unit():
+    """Leftover events that sit at one lag from a unit's matched spikes (what its template left
+    of its own spikes) are no unit; a neuron firing on its own is kept, whatever its neighbours."""
+    rng = np.random.default_rng(6)
+    duration = 1_800_000
+    spikes = np.sort(rng.choice(np.arange(100, duration - 100, 40), 400, replace=False))
+    units = np.zeros(400, dtype=np.int64)
+    # cluster 0: 150 events 20 samples before matched spikes (+-1) and 100 unlocked; cluster 1 independent
+    locked = spikes[rng.choice(400, 150, replace=False)] - 20 + rng.integers(-1, 2, 150)
+    free = np.sort(rng.choice(np.arange(100, duration - 100, 30), 100 + 300, replace=False))
+    times = np.concatenate([locked, free])
+    labels = np.r_[np.zeros(250, np.int64), np.ones(300, np.int64)]
+    out = drop_time_locked(labels, times, spikes, units, window=45, duration=duration, min_lag=7)
+    assert (out[:250] == -1).all()
+    assert (out[250:] == 1).all()
+    # the same events on the matched spikes themselves: another neuron the unit's template took
+    on_spikes = np.concatenate([locked + 20, free])
+    assert (drop_time_locked(labels, on_spikes, spikes, units, window=45, duration=duration, min_lag=7) == labels).all()
 
 
 def test_drop_known_keeps_only_new_units():
