@@ -390,9 +390,8 @@ def drop_time_locked(labels, times, spike_times, spike_units, *, window, duratio
     and 5: two SNR 7-8 units, 165 and 275 events at lag 0, lost when they were dropped too).
     """
     out = labels.copy()
-    order = np.argsort(spike_times, kind="stable")
-    spike_times, spike_units = np.asarray(spike_times)[order], np.asarray(spike_units)[order]
-    trains = [spike_times[spike_units == k] for k in np.unique(spike_units)]
+    spike_times, spike_units = np.asarray(spike_times), np.asarray(spike_units)
+    trains = [np.sort(spike_times[spike_units == k]) for k in np.unique(spike_units)]
     for c in np.unique(labels[labels >= 0]):
         ta = times[labels == c]
         for tb in trains:
