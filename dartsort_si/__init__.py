@@ -7,7 +7,8 @@ __version__ = "0.1.0"
 
 from .analyzer import to_sorting_analyzer  # noqa: E402
 from .config import DARTsortUserConfig, default_dartsort_cfg  # noqa: E402
-from .data import DARTsortSorting, MotionInfo  # noqa: E402
+from .motion_info import MotionInfo  # noqa: E402
+from .sorting import DARTsortSorting  # noqa: E402
 from .pipeline import DARTsortReturn, dartsort  # noqa: E402
 from .sorter import DARTsortSorter, register  # noqa: E402
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DARTsortSorting, MotionInfo
+from .motion_info import MotionInfo
+from .sorting import DARTsortSorting
 from .templates import Kriging, Templates, drift_steps, interpolation_reach
 
 

@@ -124,7 +124,7 @@ def _localizer_class():
 def _matcher_class():
     from spikeinterface.sortingcomponents.matching.base import BaseTemplateMatching
 
-    from .data import MotionInfo
+    from .motion_info import MotionInfo
     from .matching import TemplateMatcher
     from .templates import Templates
 

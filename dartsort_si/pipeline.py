@@ -19,7 +19,8 @@ import torch
 
 from . import __version__
 from .config import DARTsortUserConfig, load_config
-from .data import DARTsortSorting, MotionInfo
+from .motion_info import MotionInfo
+from .sorting import DARTsortSorting
 from .denoisers import check_denoiser_config
 from .preprocessing import check_recording, check_standardized, join_segments, preprocess, segment_lengths
 from .storage import atomic_write_json, drop_damaged, start_manifest

@@ -50,7 +50,8 @@ def unit_table(sorting, duration_s=None) -> dict:
 
 
 def write_report(folder, path=None) -> Path:
-    from .data import DARTsortSorting, MotionInfo
+    from .motion_info import MotionInfo
+    from .sorting import DARTsortSorting
 
     out = find_output(folder)
     sorting = DARTsortSorting.load(out / "dartsort_sorting.npz")

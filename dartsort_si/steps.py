@@ -13,7 +13,8 @@ import torch
 from spikeinterface.core.node_pipeline import run_node_pipeline
 
 from . import clustering, mixture, refinement, waveforms as wf
-from .data import DARTsortSorting, MotionInfo, write_peeling_hdf5
+from .motion_info import MotionInfo
+from .sorting import DARTsortSorting, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
 from .matching import TemplateMatcher, time_locked_echoes

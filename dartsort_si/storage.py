@@ -51,6 +51,13 @@ def atomic_savez(path, **arrays):
             np.savez(f, **arrays)
 
 
+def to_numpy(x):
+    """x as a numpy array (a torch tensor, on any device, is copied to the CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def atomic_write_json(path, obj):
     """Bookkeeping JSON (not recorded in the manifest: it is rewritten on every call)."""
     path = Path(path)

@@ -107,7 +107,7 @@ def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
     from probeinterface import generate_linear_probe
 
     from dartsort_si.config import load_config
-    from dartsort_si.data import MotionInfo
+    from dartsort_si.motion_info import MotionInfo
     from dartsort_si.steps import LEFTOVER_THRESHOLD
     from dartsort_si.subtraction import Geometry
     from dartsort_si.templates import Templates

@@ -7,7 +7,7 @@ import spikeinterface.core as sc
 import torch
 from dredge.motion_util import get_motion_estimate
 
-from dartsort_si.data import MotionInfo
+from dartsort_si.motion_info import MotionInfo
 from dartsort_si.refinement import template_distance
 from dartsort_si.templates import Kriging, Templates, estimate_templates, interpolation_reach
 

@@ -6,14 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dartsort_si.data import (
-    DARTsortSorting,
-    MotionInfo,
-    dredge_to_si_motion,
-    probe_pitch,
-    si_motion_to_dredge,
-    write_peeling_hdf5,
-)
+from dartsort_si.motion_info import MotionInfo, dredge_to_si_motion, probe_pitch, si_motion_to_dredge
+from dartsort_si.sorting import DARTsortSorting, write_peeling_hdf5
 
 FS = 30000.0
 PITCH = 20.0
