@@ -11,9 +11,10 @@ near each other on the probe compete for their spikes in one Gaussian mixture:
 - a mixture with one full-covariance Gaussian per unit is fitted by EM starting
   from the current labels, then improved by split and merge moves, each kept
   only when it lowers the Bayesian information criterion (the penalized
-  likelihood) *and* agrees with the two-neuron test of refinement (peak
-  amplitudes beyond matching's scale bound, or spikes breaking each other's
-  refractory period): a split must give two neurons, a merge must not join two;
+  likelihood) *and* agrees with the two-neuron test (spikes breaking each
+  other's refractory period, or peak amplitudes beyond matching's scale bound
+  at the same displacements): a split must give two neurons, a merge must not
+  join two;
 - every spike of the group is then assigned to its most likely component.
 
 The mixture sees all of a unit's waveform on its channels where the density
@@ -28,10 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.distance import cdist
+from scipy.stats import ks_2samp
 from threadpoolctl import threadpool_limits
 
 from .clustering import renumber
-from .refinement import MAX_SPIKES, _centres, _sample, _two_neurons, peak_amplitudes
+from .refinement import MAX_SPIKES, _centres, _refractory_breach, _sample, peak_amplitudes
 
 logger = logging.getLogger("dartsort_si")
 
@@ -50,6 +52,12 @@ EM_ITERATIONS = 15
 COVARIANCE_FLOOR = 1e-2
 # the smallest component a split may leave
 MIN_COMPONENT = 25
+# pieces whose spikes sit at different displacements (two-sample Kolmogorov-Smirnov p under this)
+# are one unit, however different their amplitudes: a unit close to the probe is up to 2x bigger
+# over a contact than between two, while two neurons in one place drift together and fire
+# whatever the drift. NP1 drifting seed 1: an SNR-11 unit's 72 spikes at displacements -2..2 um
+# were 2x as big as its 168 others (-10..10 um), and a split in 3 dimensions cut them apart.
+DRIFT_DIFFERENCE_P = 1e-3
 
 
 @dataclass
@@ -147,6 +155,7 @@ class GroupFit:
     points: np.ndarray  # (n, d) PCs
     raw: np.ndarray  # (n, rank * R) registered features, for peak amplitudes
     times: np.ndarray
+    drift: np.ndarray  # (n,) displacement of each spike (quantized)
     components: np.ndarray  # temporal PCA basis
     boundary: float
     refractory: tuple
@@ -155,8 +164,22 @@ class GroupFit:
         return peak_amplitudes(self.raw[mask].mean(0), self.components)
 
     def two_neurons(self, a, b):
-        return _two_neurons(self.times[a], self.times[b], self.peak(a), self.peak(b), self.boundary,
-                            self.refractory)
+        """Spikes a and b are two neurons: they break each other's refractory period, or their
+        peak amplitudes differ beyond 1 +/- boundary at the same displacements (see
+        refinement._two_neurons and DRIFT_DIFFERENCE_P)."""
+        if _refractory_breach(self.times[a], self.times[b], self.refractory):
+            return True
+        return not self.one_scale(a, b) and not self.at_different_displacements(a, b)
+
+    def one_scale(self, a, b):
+        """Peak amplitudes within matching's scale bound: one template can fit both."""
+        big, small = max(self.peak(a), self.peak(b)), min(self.peak(a), self.peak(b))
+        return big <= (1 + self.boundary) * small
+
+    def at_different_displacements(self, a, b):
+        if np.ptp(self.drift[a]) == 0 and np.ptp(self.drift[b]) == 0:
+            return False  # no drift (or none to tell)
+        return ks_2samp(self.drift[a], self.drift[b]).pvalue < DRIFT_DIFFERENCE_P
 
 
 def two_over_one(points, two):
@@ -168,17 +191,23 @@ def two_over_one(points, two):
 
 
 def try_splits(fit: GroupFit, labels):
-    """Split each component in two where that lowers the BIC and gives two neurons."""
-    d = fit.points.shape[1]
+    """Split each component in two where that lowers the BIC and gives two neurons.
+
+    The split is judged in the component's own leading principal directions, as many as
+    its spikes can support (split_dimensions). In all the group's 8 dimensions a second
+    full-covariance Gaussian adds 45 parameters, which the BIC charges a log-likelihood gain
+    of ~120 for at 200 spikes: 60 s x 128 ch NP1 drifting seed 5, a cluster of 207 spikes of
+    an SNR-7 and an SNR-4.5 unit 8 um apart (3 sd apart on its first direction) stayed one
+    unit; in 3 dimensions the charge is ~27 and it splits."""
     for k in range(labels.max() + 1):
         members = np.flatnonzero(labels == k)
+        centred = fit.points[members] - fit.points[members].mean(0)
+        d = split_dimensions(len(members), fit.points.shape[1])
         if len(members) < 2 * max(MIN_COMPONENT, d + 2):
             continue
-        pts = fit.points[members]
+        pts = centred @ np.linalg.svd(centred, full_matrices=False)[2][:d].T
         # start from the sign of the first principal direction of the component
-        centred = pts - pts.mean(0)
-        direction = np.linalg.svd(centred, full_matrices=False)[2][0]
-        start = (centred @ direction > 0).astype(int)
+        start = (pts[:, 0] > 0).astype(int)
         if min(start.sum(), len(start) - start.sum()) < d + 2:
             continue
         comps2, sub = em(pts, start)
@@ -190,19 +219,35 @@ def try_splits(fit: GroupFit, labels):
     return labels
 
 
+def split_dimensions(n, d_max):
+    """Dimensions a split of n points is judged in: ~25 * 2^d points for a density in d
+    dimensions, as the density split (clustering._split_once) allows."""
+    return int(min(d_max, max(1, np.log2(max(n, 1) / 25))))
+
+
 def try_merges(fit: GroupFit, labels):
-    """Merge pairs of components, best first, where one Gaussian explains both at a
-    lower BIC and the two are not two neurons."""
+    """Merge pairs of components, best first, that are not two neurons and where one
+    Gaussian explains both at a lower BIC, or that hold one unit's spikes at different
+    displacements with amplitudes one template can fit (whatever the BIC: drift changes a
+    unit's waveform on registered channels more than one Gaussian allows. NP1 drifting seed 4:
+    an SNR-8.7 unit in two components, displacements -14..5 and 2..13 um, peaks 9.9 and 11.5,
+    one refractory pair). Pieces further apart in amplitude stay two components, each with its
+    own template, and refinement.drift_piece_units makes them one unit (NP1 drifting seed 2: an
+    SNR-8.9 unit at -12..-5 and -1..10 um, peaks 17.1 and 12.4; as one template it fitted
+    the first range so badly that a copy of it grew out of the leftovers)."""
     while labels.max() > 0:
-        best, best_gain = None, 0.0
+        best, best_gain = None, -np.inf
         for i in range(labels.max() + 1):
             for j in range(i + 1, labels.max() + 1):
                 both = np.flatnonzero((labels == i) | (labels == j))
                 pts = fit.points[both]
                 sub = (labels[both] == j).astype(int)
+                a, b = both[sub == 0], both[sub == 1]
                 two = [Gaussian.fit(pts[sub == s], total=len(pts)) for s in (0, 1)]
                 gain = -two_over_one(pts, two)
-                if gain > best_gain and not fit.two_neurons(both[sub == 0], both[sub == 1]):
+                if gain <= best_gain or fit.two_neurons(a, b):
+                    continue
+                if gain > 0 or (fit.at_different_displacements(a, b) and fit.one_scale(a, b)):
                     best, best_gain = (i, j), gain
         if best is None:
             return labels
@@ -252,7 +297,8 @@ def _refine_group(labels, unit_ids, centres, reg_features, times, boundary, refr
         for k, m in enumerate(members):
             out[m] = k
         return out, len(members)
-    fit = GroupFit(points, raw, times[sample], reg_features.components, boundary, refractory)
+    fit = GroupFit(points, raw, times[sample], reg_features.drift[sample], reg_features.components, boundary,
+                   refractory)
     _, current = em(points, start)
     current = renumber(current)
     current = try_splits(fit, current)
