@@ -14,7 +14,10 @@ near each other on the probe compete for their spikes in one Gaussian mixture:
   likelihood) *and* agrees with the two-neuron test (spikes breaking each
   other's refractory period, or peak amplitudes beyond matching's scale bound
   at the same displacements): a split must give two neurons, a merge must not
-  join two;
+  join two. Split moves are judged in the component's own leading directions
+  (`split_dimensions`), and two components holding the spikes of different
+  displacements that one template can fit are merged whatever the BIC (one
+  unit, its waveform changed by the drift);
 - every spike of the group is then assigned to its most likely component.
 
 The mixture sees all of a unit's waveform on its channels where the density
@@ -53,7 +56,7 @@ COVARIANCE_FLOOR = 1e-2
 # the smallest component a split may leave
 MIN_COMPONENT = 25
 # pieces whose spikes sit at different displacements (two-sample Kolmogorov-Smirnov p under this)
-# are one unit, however different their amplitudes: a unit close to the probe is up to 2x bigger
+# are not two neurons by their amplitudes alone: a unit close to the probe is up to 2x bigger
 # over a contact than between two, while two neurons in one place drift together and fire
 # whatever the drift. NP1 drifting seed 1: an SNR-11 unit's 72 spikes at displacements -2..2 um
 # were 2x as big as its 168 others (-10..10 um), and a split in 3 dimensions cut them apart.
