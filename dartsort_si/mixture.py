@@ -167,17 +167,22 @@ class GroupFit:
         return peak_amplitudes(self.raw[mask].mean(0), self.components)
 
     def two_neurons(self, a, b):
-        """Spikes a and b are two neurons: they break each other's refractory period, or their
-        peak amplitudes differ beyond 1 +/- boundary at the same displacements (see
-        refinement._two_neurons and DRIFT_DIFFERENCE_P)."""
+        return self.judge(a, b)[0]
+
+    def judge(self, a, b):
+        """(two neurons, pieces of one unit) for spikes a and b. Two neurons: they break each
+        other's refractory period, or their peak amplitudes differ beyond 1 +/- boundary at the
+        same displacements (see refinement._two_neurons and DRIFT_DIFFERENCE_P). Pieces of one
+        unit: at different displacements, with peak amplitudes one template can fit."""
         if _refractory_breach(self.times[a], self.times[b], self.refractory):
-            return True
-        return not self.one_scale(a, b) and not self.at_different_displacements(a, b)
+            return True, False
+        fits, moved = self.one_scale(a, b), self.at_different_displacements(a, b)
+        return not fits and not moved, fits and moved
 
     def one_scale(self, a, b):
         """Peak amplitudes within matching's scale bound: one template can fit both."""
-        big, small = max(self.peak(a), self.peak(b)), min(self.peak(a), self.peak(b))
-        return big <= (1 + self.boundary) * small
+        pa, pb = self.peak(a), self.peak(b)
+        return max(pa, pb) <= (1 + self.boundary) * min(pa, pb)
 
     def at_different_displacements(self, a, b):
         if np.ptp(self.drift[a]) == 0 and np.ptp(self.drift[b]) == 0:
@@ -248,9 +253,10 @@ def try_merges(fit: GroupFit, labels):
                 a, b = both[sub == 0], both[sub == 1]
                 two = [Gaussian.fit(pts[sub == s], total=len(pts)) for s in (0, 1)]
                 gain = -two_over_one(pts, two)
-                if gain <= best_gain or fit.two_neurons(a, b):
+                if gain <= best_gain:
                     continue
-                if gain > 0 or (fit.at_different_displacements(a, b) and fit.one_scale(a, b)):
+                two, pieces = fit.judge(a, b)
+                if not two and (gain > 0 or pieces):
                     best, best_gain = (i, j), gain
         if best is None:
             return labels
