@@ -93,3 +93,43 @@ def test_peak_search_on_some_rows_finds_what_the_whole_chunk_search_finds_there(
     assert inside.sum() > 10
     for a, b in zip(part, full):
         assert torch.equal(a, b[inside])
+
+
+def test_nn_memo_reuses_an_output_only_while_its_input_is_untouched():
+    from dartsort_si.subtraction import NNMemo
+    memo = NNMemo(100, 4, torch.arange(-2, 3))
+    calls = []
+
+    def double(x):
+        calls.append(len(x))
+        return 2 * x
+
+    flat = torch.randn(3, 5)
+    keys = torch.tensor([10 * 4 + 0, 10 * 4 + 1, 50 * 4 + 2])  # (time 10, ch 0), (10, 1), (50, 2)
+    first = memo.apply(double, flat, keys)
+    # a subtraction at time 13 on channel 1 (4: padding) touches samples 11..15: (10, 1) reads 8..12
+    memo.subtracted(torch.tensor([13]), torch.tensor([[1, 4]]))
+    again = memo.apply(double, flat + 1, keys)
+    assert calls == [3, 1]
+    assert torch.equal(again[0], first[0]) and torch.equal(again[2], first[2])
+    assert torch.equal(again[1], 2 * (flat[1] + 1))
+    # the recomputed one is remembered from this round on
+    assert torch.equal(memo.apply(double, flat[1:2] + 5, keys[1:2])[0], 2 * (flat[1] + 1))
+    assert calls == [3, 1]
+
+
+def test_denoiser_decrease_from_features_equals_the_waveforms_decrease(overlapping_pairs):
+    """Peeling scores candidates from temporal-PCA features only; the figure must be the
+    drop in squared norm of subtracting the denoised waveform itself."""
+    rec, g, w, den, ftpca, cfg, events = overlapping_pairs
+    x = torch.as_tensor(rec.get_traces())
+    t = torch.tensor([e for pair in events for e in pair])
+    c = torch.as_tensor(np.abs(rec.get_traces()[t.numpy()]).argmax(1))
+    snips = wf.cut(x, t, c, g.subtraction_index, w.offsets())
+    mask = wf.neighbour_mask(g.subtraction_index, c)
+    feats, decrease = den.features(snips, mask)
+    clean = den.tpca.inverse(feats)
+    direct = 2 * (snips * clean).sum((1, 2)) - (clean * clean).sum((1, 2))
+    assert decrease.min() > 100  # real spikes, not a zero-against-zero comparison
+    torch.testing.assert_close(decrease, direct, rtol=1e-4, atol=1e-2)
+    assert torch.equal(den(snips, mask), clean)
