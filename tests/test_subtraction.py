@@ -133,3 +133,15 @@ def test_denoiser_decrease_from_features_equals_the_waveforms_decrease(overlappi
     assert decrease.min() > 100  # real spikes, not a zero-against-zero comparison
     torch.testing.assert_close(decrease, direct, rtol=1e-4, atol=1e-2)
     assert torch.equal(den(snips, mask), clean)
+
+
+def test_noise_snippets_for_the_denoiser_touch_no_threshold_crossing():
+    from dartsort_si.steps import _quiet_snippets
+    x = torch.randn(3000, 4)
+    x[::50, :] = 9.0  # a crossing every 50 samples on every channel: no 121-sample window is quiet
+    x[1000:1400, 2] = 0.1 * torch.randn(400)  # except on channel 2 here
+    rng = np.random.default_rng(0)
+    out = _quiet_snippets(x, 4.0, 121, rng, n=50)
+    assert out.shape == (50, 121)
+    assert out.abs().max() < 4.0
+    assert len(_quiet_snippets(x[:500], 4.0, 121, rng)) == 0
