@@ -94,10 +94,12 @@ class TemporalPCA:
     def fit(cls, single_channel_snippets: np.ndarray, rank: int) -> "TemporalPCA":
         # uncentred on purpose: a flat (noise-free) channel must project to zero,
         # or subtraction would add the mean spike shape onto every channel
-        x = torch.as_tensor(single_channel_snippets, dtype=torch.float32)
-        mean = torch.zeros(x.shape[1])
+        # in float64: the float32 SVD of ~300k rows rounds differently with the BLAS thread
+        # count, so a resumed sort (another process) got other components (up to 9e-6)
+        x = torch.as_tensor(single_channel_snippets, dtype=torch.float64)
+        mean = torch.zeros(x.shape[1], dtype=torch.float32)
         _, _, vh = torch.linalg.svd(x, full_matrices=False)
-        return cls(mean.numpy(), vh[:rank].numpy())
+        return cls(mean.numpy(), vh[:rank].float().numpy())
 
     def to(self, device) -> "TemporalPCA":
         return TemporalPCA(self.mean.to(device), self.components.to(device))
