@@ -36,7 +36,8 @@ from scipy.stats import ks_2samp
 from threadpoolctl import threadpool_limits
 
 from .clustering import renumber
-from .refinement import MAX_SPIKES, _centres, _refractory_breach, _sample, peak_amplitudes
+from .refinement import (MAX_SPIKES, SEPARATED_DPRIME, _centres, _refractory_breach, _sample, peak_amplitudes,
+                         separation)
 
 logger = logging.getLogger("dartsort_si")
 
@@ -171,13 +172,15 @@ class GroupFit:
 
     def judge(self, a, b):
         """(two neurons, pieces of one unit) for spikes a and b. Two neurons: they break each
-        other's refractory period, or their peak amplitudes differ beyond 1 +/- boundary at the
-        same displacements (see refinement._two_neurons and DRIFT_DIFFERENCE_P). Pieces of one
+        other's refractory period, or at the same displacements their peak amplitudes differ
+        beyond 1 +/- boundary or their features are SEPARATED_DPRIME apart (see
+        refinement._two_neurons and DRIFT_DIFFERENCE_P). Pieces of one
         unit: at different displacements, with peak amplitudes one template can fit."""
         if _refractory_breach(self.times[a], self.times[b], self.refractory):
             return True, False
         fits, moved = self.one_scale(a, b), self.at_different_displacements(a, b)
-        return not fits and not moved, fits and moved
+        apart = separation(self.raw[a], self.raw[b]) >= SEPARATED_DPRIME
+        return (not fits or apart) and not moved, fits and moved
 
     def one_scale(self, a, b):
         """Peak amplitudes within matching's scale bound: one template can fit both."""

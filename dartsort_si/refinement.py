@@ -32,7 +32,7 @@ import torch
 from scipy.spatial.distance import cdist
 from threadpoolctl import threadpool_limits
 
-from .clustering import _find, _split_once, cluster_spikes, drop_echo_clusters, echo_gaps, echo_mask
+from .clustering import _split_once, cluster_spikes, drop_echo_clusters, echo_gaps, echo_mask
 from .matching import hot_lag_pairs
 from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
 
@@ -69,6 +69,13 @@ LOCKED_FRACTION = 0.25
 KNOWN_RADIUS_UM = 30.0
 # the smallest cluster split_units may produce
 MIN_SPLIT_SIZE = 25
+# pieces of a split that fire over the same displacements and whose mean features lie this many
+# pooled standard deviations apart (separation) are two neurons, whatever their amplitudes. On the
+# pieces of 60 s x 128 ch drifting clusters (NP2 seed 5, NP1 seed 1), pieces of one unit at the
+# same displacements were 1.7-6.7 apart, and pieces of two units 12.9-19.4 (two units of SNR 17 and
+# 12 on the same channels, 1.2x apart in amplitude, were one cluster); pieces of one unit at
+# displacements 10-20 um apart reached 18.8, which the displacement test leaves to drift_piece_units
+SEPARATED_DPRIME = 10.0
 # drift pieces (see drift_piece_units): clusters whose centres are this close, whose spikes'
 # displacements barely overlap (at most this fraction of either's spikes inside the other's
 # 10-90% displacement range; medians >= 5 um apart) and whose amplitudes where their ranges meet
@@ -207,8 +214,8 @@ def split_units(labels, x, z_reg, reg_features: RegisteredFeatures, *, times, am
             feats = reg_features.aligned(sample, chans)
             sub = _split_once(feats, min_size, n_pcs, None, 0.75) if len(sample) >= 2 * min_size else None
             if sub is not None:
-                sub = _rejoin_one_neuron(feats, times[sample], sub, amplitude_boundary, reg_features.components,
-                                         refractory)
+                sub = _rejoin_one_neuron(feats, times[sample], reg_features.drift[sample], sub, amplitude_boundary,
+                                         reg_features.components, refractory)
             if sub is None or sub.max() == 0:
                 out[members] = next_id
                 next_id += 1
@@ -240,8 +247,25 @@ def refractory_pairs(times_a, times_b, lo, hi):
     return count
 
 
-def _two_neurons(times_a, times_b, peak_a, peak_b, boundary, refractory):
-    """Whether two pieces of a split are two neurons.
+def separation(feats_a, feats_b) -> float:
+    """d': the distance between two groups' mean features along the line joining them, in
+    their pooled standard deviation along that line."""
+    line = feats_a.mean(0) - feats_b.mean(0)
+    norm = float(np.linalg.norm(line))
+    if norm == 0:
+        return 0.0
+    pa, pb = feats_a @ (line / norm), feats_b @ (line / norm)
+    return float((pa.mean() - pb.mean()) / max(np.sqrt(0.5 * (pa.var() + pb.var())), 1e-9))
+
+
+def coexisting(drift_a, drift_b) -> bool:
+    """Whether two groups of spikes fire over the same displacements of the probe (the
+    opposite of drift pieces, see _drift_piece_mismatch)."""
+    return max(_inside(drift_a, drift_b), _inside(drift_b, drift_a)) > DRIFT_PIECE_OVERLAP
+
+
+def _two_neurons(a, b, feats, times, drift, boundary, components, refractory):
+    """Whether groups a and b (indices into feats, times, drift) of a split are two neurons.
 
     Either their peak amplitudes differ by more than a factor 1 + boundary (the
     scale matching and the template merge allow), or their spikes break each
@@ -249,27 +273,36 @@ def _two_neurons(times_a, times_b, peak_a, peak_b, boundary, refractory):
     two neurons have about the chance count. Measured on pieces of density clusters
     (60 s x 128 ch, NP1 and NP2): the five co-located pairs of different units had
     2-6 such pairs at 0.65-1.3x the chance count; 37 of 40 pairs of pieces of one
-    unit had none. Waveform distances did not separate them (0.43-0.67 between
+    unit had none. Relative waveform distances did not separate them (0.43-0.67 between
     units, up to 0.86 between pieces of one unit misaligned or sampled at
-    another phase).
+    another phase). Or they fire over the same displacements and are SEPARATED_DPRIME apart.
     """
+    peak_a, peak_b = (peak_amplitudes(feats[g].mean(0), components) for g in (a, b))
     if max(peak_a, peak_b) > (1 + boundary) * min(peak_a, peak_b):
         return True
-    return _refractory_breach(times_a, times_b, refractory)
+    if _refractory_breach(times[a], times[b], refractory):
+        return True
+    return coexisting(drift[a], drift[b]) and separation(feats[a], feats[b]) >= SEPARATED_DPRIME
 
 
-def _rejoin_one_neuron(feats, times, sub, boundary, components, refractory):
-    """Pieces of one split that are not two neurons (_two_neurons) are joined again;
-    returns piece labels 0..K-1 (K = 1: no split)."""
-    k = sub.max() + 1
-    peaks = [peak_amplitudes(feats[sub == i].mean(0), components) for i in range(k)]
-    parent = list(range(k))
-    for i in range(k):
-        for j in range(i + 1, k):
-            if not _two_neurons(times[sub == i], times[sub == j], peaks[i], peaks[j], boundary, refractory):
-                parent[_find(parent, j)] = _find(parent, i)
-    _, relabel = np.unique([_find(parent, i) for i in range(k)], return_inverse=True)
-    return relabel[sub]
+def _rejoin_one_neuron(feats, times, drift, sub, boundary, components, refractory):
+    """Pieces of one split that are not two neurons (_two_neurons) are joined again, the
+    closest pair (separation) first, as groups; returns piece labels 0..K-1 (K = 1: no split).
+    Pair by pair, any piece of one neuron could chain two neurons together: a piece of one
+    unit's spikes at the edge of its displacements did not coexist with the other unit's."""
+    groups = [np.flatnonzero(sub == i) for i in range(sub.max() + 1)]
+    while len(groups) > 1:
+        pairs = [(separation(feats[a], feats[b]), i, j) for i, a in enumerate(groups)
+                 for j, b in enumerate(groups[i + 1:], i + 1)
+                 if not _two_neurons(a, b, feats, times, drift, boundary, components, refractory)]
+        if not pairs:
+            break
+        _, i, j = min(pairs)
+        groups[i] = np.concatenate([groups[i], groups.pop(j)])
+    out = np.empty(len(sub), dtype=np.int64)
+    for k, members in enumerate(groups):
+        out[members] = k
+    return out
 
 
 # -- template merge

@@ -98,9 +98,10 @@ def test_colocated_pair_with_2x_amplitude_under_drift_splits():
     assert purity > 0.95
 
 
-def test_colocated_pair_of_equal_amplitude_splits_on_refractory_evidence():
-    """Same peak amplitude, different waveforms: only the spike trains tell two neurons
-    (their spikes fall inside each other's refractory period) from one."""
+def test_colocated_pair_of_equal_amplitude_and_different_waveforms_splits():
+    """Same peak amplitude, different waveforms at the same displacements: two neurons, told
+    apart by their spike trains (spikes inside each other's refractory period) and, where the
+    trains do not tell, by how far apart the waveforms are (refinement.SEPARATED_DPRIME)."""
     rng = np.random.default_rng(6)
     geom = np1_geom()
     pos = np.array([27.0, 230.0])
@@ -114,11 +115,12 @@ def test_colocated_pair_of_equal_amplitude_splits_on_refractory_evidence():
     out = split_units(*args, times=independent, amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 1
     assert max(np.mean(out == truth), np.mean(out != truth)) > 0.95
-    # the same waveforms from one neuron's spike train (one refractory period for all): one unit
+    # no refractory evidence (one spike train for both): the waveforms alone split them
     one = spike_times(rng, 600, REFRACTORY[2])
     order = rng.permutation(600)
     out = split_units(*args, times=one[order], amplitude_boundary=BOUND, refractory=REFRACTORY)
-    assert out.max() == 0
+    assert out.max() == 1
+    assert max(np.mean(out == truth), np.mean(out != truth)) > 0.95
 
 @pytest.mark.parametrize("refine", [split_units, mixture.refine], ids=["split", "mixture"])
 def test_unit_drifting_40um_stays_one(refine):
@@ -463,3 +465,22 @@ def test_unit_left_out_of_initial_clustering_is_found_after_matching(sorted_with
                                              exhaustive_gt=True).get_performance()
     print(f"GT unit {gt_unit}: accuracy {perf.loc[gt_unit, 'accuracy']:.2f} after its cluster was removed")
     assert perf.loc[gt_unit, "accuracy"] >= 0.8
+
+
+def test_mixture_splits_colocated_units_of_equal_amplitude_without_refractory_evidence():
+    """Two units on the same channels, same peak amplitude, different waveforms, spikes drawn
+    from one refractory train (no pair breaks a refractory period): the mixture keeps them apart
+    on the separation of their features alone (refinement.SEPARATED_DPRIME)."""
+    rng = np.random.default_rng(6)
+    geom = np1_geom()
+    pos = np.array([27.0, 230.0])
+    drifts = [rng.uniform(-10, 10, 300), rng.uniform(-10, 10, 300)]
+    a = unit_spikes(rng, geom, pos, 25.0, 12.0, 1.5, drifts[0])
+    b = unit_spikes(rng, geom, pos + [0.0, 4.0], 25.0, 12.0, 4.0, drifts[1])
+    rf = registered(geom, [a, b], drifts, a[3], a[2])
+    truth = np.repeat([0, 1], 300)
+    times = spike_times(rng, 600, REFRACTORY[2])[rng.permutation(600)]
+    out = mixture.refine(np.zeros(600, dtype=np.int64), np.full(600, pos[0]), np.full(600, pos[1]), rf,
+                         times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert out.max() == 1
+    assert _purity(out, truth) > 0.95
