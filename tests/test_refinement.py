@@ -98,18 +98,23 @@ def test_colocated_pair_with_2x_amplitude_under_drift_splits():
     assert purity > 0.95
 
 
-def test_colocated_pair_of_equal_amplitude_and_different_waveforms_splits():
-    """Same peak amplitude, different waveforms at the same displacements: two neurons, told
-    apart by their spike trains (spikes inside each other's refractory period) and, where the
-    trains do not tell, by how far apart the waveforms are (refinement.SEPARATED_DPRIME)."""
-    rng = np.random.default_rng(6)
+def _equal_amplitude_pair(rng):
+    """300 spikes each of two units 4 um apart with the same peak amplitude and different
+    waveforms, drifting +-10 um: (registered features, true labels, position)."""
     geom = np1_geom()
     pos = np.array([27.0, 230.0])
     drifts = [rng.uniform(-10, 10, 300), rng.uniform(-10, 10, 300)]
     a = unit_spikes(rng, geom, pos, 25.0, 12.0, 1.5, drifts[0])
     b = unit_spikes(rng, geom, pos + [0.0, 4.0], 25.0, 12.0, 4.0, drifts[1])
-    rf = registered(geom, [a, b], drifts, a[3], a[2])
-    truth = np.repeat([0, 1], 300)
+    return registered(geom, [a, b], drifts, a[3], a[2]), np.repeat([0, 1], 300), pos
+
+
+def test_colocated_pair_of_equal_amplitude_and_different_waveforms_splits():
+    """Same peak amplitude, different waveforms at the same displacements: two neurons, told
+    apart by their spike trains (spikes inside each other's refractory period) and, where the
+    trains do not tell, by how far apart the waveforms are (refinement.SEPARATED_DPRIME)."""
+    rng = np.random.default_rng(6)
+    rf, truth, pos = _equal_amplitude_pair(rng)
     args = (np.zeros(600, dtype=np.int64), np.full(600, pos[0]), np.full(600, pos[1]), rf)
     independent = np.concatenate([spike_times(rng, 300, REFRACTORY[2]), spike_times(rng, 300, REFRACTORY[2])])
     out = split_units(*args, times=independent, amplitude_boundary=BOUND, refractory=REFRACTORY)
@@ -121,6 +126,7 @@ def test_colocated_pair_of_equal_amplitude_and_different_waveforms_splits():
     out = split_units(*args, times=one[order], amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 1
     assert max(np.mean(out == truth), np.mean(out != truth)) > 0.95
+
 
 @pytest.mark.parametrize("refine", [split_units, mixture.refine], ids=["split", "mixture"])
 def test_unit_drifting_40um_stays_one(refine):
@@ -472,13 +478,7 @@ def test_mixture_splits_colocated_units_of_equal_amplitude_without_refractory_ev
     from one refractory train (no pair breaks a refractory period): the mixture keeps them apart
     on the separation of their features alone (refinement.SEPARATED_DPRIME)."""
     rng = np.random.default_rng(6)
-    geom = np1_geom()
-    pos = np.array([27.0, 230.0])
-    drifts = [rng.uniform(-10, 10, 300), rng.uniform(-10, 10, 300)]
-    a = unit_spikes(rng, geom, pos, 25.0, 12.0, 1.5, drifts[0])
-    b = unit_spikes(rng, geom, pos + [0.0, 4.0], 25.0, 12.0, 4.0, drifts[1])
-    rf = registered(geom, [a, b], drifts, a[3], a[2])
-    truth = np.repeat([0, 1], 300)
+    rf, truth, pos = _equal_amplitude_pair(rng)
     times = spike_times(rng, 600, REFRACTORY[2])[rng.permutation(600)]
     out = mixture.refine(np.zeros(600, dtype=np.int64), np.full(600, pos[0]), np.full(600, pos[1]), rf,
                          times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
