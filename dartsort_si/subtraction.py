@@ -540,11 +540,11 @@ def _rows_near(times, window, n_rows):
     return torch.unique(rows.clamp(0, n_rows - 1))
 
 
-def _near(times, chans, ref_times, ref_chans, conflicts, window, batch=4096):
+def _near(times, chans, ref_times, ref_chans, conflicts, window):
     """True for (times, chans) within +-window samples of a ref spike on a conflicting channel."""
     out = torch.zeros(len(times), dtype=torch.bool, device=times.device)
-    for i in range(0, len(times), batch):
-        t, c = times[i: i + batch], chans[i: i + batch]
-        close = ((t[:, None] - ref_times[None, :]).abs() <= window) & conflicts[c[:, None], ref_chans[None, :]]
-        out[i: i + batch] = close.any(1)
+    for rows, cols in wf.time_blocks(times, ref_times, window):
+        close = ((times[rows, None] - ref_times[None, cols]).abs() <= window) & \
+            conflicts[chans[rows, None], ref_chans[None, cols]]
+        out[rows] = close.any(1)
     return out

@@ -145,3 +145,28 @@ def test_noise_snippets_for_the_denoiser_touch_no_threshold_crossing():
     assert out.shape == (50, 121)
     assert out.abs().max() < 4.0
     assert len(_quiet_snippets(x[:500], 4.0, 121, rng)) == 0
+
+
+def test_time_blocked_conflict_tests_match_all_against_all():
+    # strongest and _near compare candidates in time blocks (all against all was n^2 and took
+    # 12 s per 384-channel chunk); on random candidates with ties they agree with the n^2 form
+    from dartsort_si.subtraction import _near
+    from dartsort_si.waveforms import strongest
+
+    gen = torch.Generator().manual_seed(0)
+    n, duration, n_groups, window = 3000, 30_000, 64, 121
+    times = torch.randint(0, duration, (n,), generator=gen)
+    groups = torch.randint(0, n_groups, (n,), generator=gen)
+    score = torch.randint(0, 50, (n,), generator=gen).float()  # many ties
+    conflicts = torch.rand(n_groups, n_groups, generator=gen) < 0.2
+    conflicts = conflicts | conflicts.T | torch.eye(n_groups, dtype=torch.bool)
+    close = ((times[:, None] - times[None, :]).abs() <= window) & conflicts[groups[:, None], groups[None, :]]
+    rival = torch.where(close, score[None, :], torch.full((n, n), -torch.inf))
+    earlier_tie = (rival == score[:, None]) & torch.ones(n, n, dtype=torch.bool).tril(-1)
+    dense = (score[:, None] >= rival).all(1) & ~earlier_tie.any(1)
+    assert torch.equal(strongest(score, times, groups, conflicts, window, block=64), dense)
+    assert 0 < dense.sum() < n
+    refs = torch.randint(0, n, (400,), generator=gen)
+    near = (((times[:, None] - times[None, refs]).abs() <= window) & conflicts[groups[:, None], groups[None, refs]]).any(1)
+    assert torch.equal(_near(times, groups, times[refs], groups[refs], conflicts, window), near)
+    assert 0 < near.sum() < n
