@@ -543,8 +543,6 @@ def _rows_near(times, window, n_rows):
 def _near(times, chans, ref_times, ref_chans, conflicts, window):
     """True for (times, chans) within +-window samples of a ref spike on a conflicting channel."""
     out = torch.zeros(len(times), dtype=torch.bool, device=times.device)
-    for rows, cols in wf.time_blocks(times, ref_times, window):
-        close = ((times[rows, None] - ref_times[None, cols]).abs() <= window) & \
-            conflicts[chans[rows, None], ref_chans[None, cols]]
+    for rows, _, close in wf.conflicting_in_time(times, chans, ref_times, ref_chans, conflicts, window):
         out[rows] = close.any(1)
     return out

@@ -132,22 +132,21 @@ def strongest(score, times, groups, conflicts, window, block=1024):
     """True for candidates with the top score among those within +-window samples whose
     groups (channels, or units) conflict (conflicts: (G, G) bool); ties go to the earlier one.
 
-    Candidates are compared in blocks of `block`, in time order, with those within the window
-    of the block only: all against all is n^2, and with the ~27k candidates of a 384-channel
-    chunk's first peeling round that was 0.7 G pairs per call (12 s per chunk of subtraction)."""
+    Compared in time blocks (conflicting_in_time): all against all is n^2, 0.7 G pairs per call
+    for the ~27k candidates of a 384-channel chunk's first peeling round."""
     out = torch.zeros(len(score), dtype=torch.bool, device=score.device)
-    for rows, cols in time_blocks(times, times, window, block):
-        close = ((times[rows, None] - times[None, cols]).abs() <= window) & conflicts[groups[rows, None], groups[None, cols]]
+    for rows, cols, close in conflicting_in_time(times, groups, times, groups, conflicts, window, block):
         rival = torch.where(close, score[None, cols], torch.full_like(score[None, cols], -torch.inf))
         earlier_tie = (rival == score[rows, None]) & (cols[None, :] < rows[:, None])
         out[rows] = (score[rows, None] >= rival).all(1) & ~earlier_tie.any(1)
     return out
 
 
-def time_blocks(times, others, window, block=1024):
-    """(rows, cols) index pairs covering every (i, j) with |times[i] - others[j]| <= window: rows
-    are up to `block` of times' indices, consecutive in time; cols all of others' indices
-    within the window of those rows (both as index tensors)."""
+def conflicting_in_time(times, groups, others, other_groups, conflicts, window, block=1024):
+    """(rows, cols, close) covering every pair (i, j) with |times[i] - others[j]| <= window:
+    rows are up to `block` of times' indices, consecutive in time; cols all of others' indices
+    within the window of those rows; close (len(rows), len(cols)) is True where the pair is
+    within the window and its groups conflict (conflicts: (G, G) bool)."""
     order = torch.argsort(times, stable=True)
     other_order = torch.argsort(others, stable=True)
     sorted_others = others[other_order]
@@ -156,4 +155,7 @@ def time_blocks(times, others, window, block=1024):
         t = times[rows]
         lo = int(torch.searchsorted(sorted_others, t.min() - window))
         hi = int(torch.searchsorted(sorted_others, t.max() + window, right=True))
-        yield rows, other_order[lo:hi]
+        cols = other_order[lo:hi]
+        close = ((t[:, None] - others[None, cols]).abs() <= window) & \
+            conflicts[groups[rows, None], other_groups[None, cols]]
+        yield rows, cols, close
