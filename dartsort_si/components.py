@@ -61,9 +61,9 @@ class DARTsortSubtractionDetector(SubtractionPeeler):
         spikes, _ = steps.sample_snippets(ctx)
         if len(spikes) < 10:
             raise ValueError(f"dartsort_subtraction: only {len(spikes)} threshold crossings to fit on.")
-        tpca, _ = steps.fit_temporal_pcas(spikes, window, cfg.temporal_pca_rank)
         nn = denoisers.make_denoiser("SingleChannelWaveformDenoiser", spike_length_samples=window.length,
                                      sampling_frequency=fs, device="cpu")
+        tpca, _ = steps.fit_temporal_pcas(spikes, window, cfg.temporal_pca_rank, nn)
         super().__init__(recording, geometry, window, Denoiser(tpca, nn), cfg, ctx.dedup_samples, "cpu",
                          return_output=return_output)
         self._kwargs = dict(detect_threshold=detect_threshold, peak_sign=peak_sign,

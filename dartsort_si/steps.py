@@ -21,7 +21,7 @@ from .matching import TemplateMatcher, time_locked_echoes
 from .motion import MotionNotEstimable, estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
-from .subtraction import Denoiser, ThresholdDetector, subtraction_nodes
+from .subtraction import Denoiser, ThresholdDetector, apply_nn, subtraction_nodes
 from .templates import Templates, estimate_templates
 
 logger = logging.getLogger("dartsort_si")
@@ -158,12 +158,17 @@ def decollider_budget_s(duration_s):
     return float(np.clip(0.5 * duration_s, 30.0, DECOLLIDER_MAX_SECONDS))
 
 
-def fit_temporal_pcas(spikes, window, rank):
-    """Temporal PCA of single-channel snippets: on the whole window (denoising) and on the
-    feature window (clustering features)."""
+def fit_temporal_pcas(spikes, window, rank, nn_model):
+    """Temporal PCA of single-channel snippets: on the whole window, of the NN's output
+    (denoising: it projects the NN's output), and on the feature window of the raw
+    snippets (clustering features)."""
     single = spikes.permute(0, 2, 1).reshape(-1, spikes.shape[1])
     single = single[torch.isfinite(single).all(1)]
-    tpca = wf.TemporalPCA.fit(single.numpy(), rank)
+    # fitted on raw snippets, mostly noise on small channels, the basis missed the shape of
+    # big spikes: NP2 seed 4, an SNR-56 unit kept residuals of 11 noise sd on its main channel
+    # after subtraction (20% of its peak-to-peak), which came back as events 0.2-1.3 ms from
+    # it; fitted on the NN's output, 2.8 sd, the level of the noise alone
+    tpca = wf.TemporalPCA.fit(apply_nn(nn_model, single).numpy(), rank)
     feature_tpca = wf.TemporalPCA.fit(single[:, window.feature_start: window.feature_end].numpy(), rank)
     return tpca, feature_tpca
 
@@ -183,13 +188,13 @@ def fit_models(ctx):
                 f"Only {len(spikes)} threshold crossings at voltage_threshold="
                 f"{ctx.cfg.voltage_threshold} in the sampled chunks: nothing to sort."
             )
-        tpca, feature_tpca = fit_temporal_pcas(spikes, ctx.window, ctx.cfg.temporal_pca_rank)
         w = ctx.window
         nn = make_denoiser(ctx.cfg.nn_denoiser_class_name, ctx.cfg.nn_denoiser_pretrained_path,
                            train_waveforms=spikes.numpy(), noise_snippets=noise.numpy(),
                            spike_length_samples=w.length, sampling_frequency=ctx.fs, device=ctx.device,
                            max_seconds=decollider_budget_s(ctx.rec.get_total_duration()),
                            max_epochs=DECOLLIDER_EPOCHS, learning_rate=DECOLLIDER_LEARNING_RATE)
+        tpca, feature_tpca = fit_temporal_pcas(spikes, w, ctx.cfg.temporal_pca_rank, nn.cpu())
         models = dict(tpca=tpca.state(), feature_tpca=feature_tpca.state(), nn=nn.cpu())
         with atomic_path(path) as tmp:
             torch.save(models, tmp)

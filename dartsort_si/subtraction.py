@@ -153,10 +153,9 @@ class Denoiser:
 
     def _nn_flat(self, snippets, mask, memo=None, keys=None):
         flat = snippets.permute(0, 2, 1)[mask]  # (n_valid, L)
-        with torch.no_grad():
-            if memo is None:
-                return _apply_nn(self.nn_model, flat)
-            return memo.apply(lambda x: _apply_nn(self.nn_model, x), flat, keys[mask])
+        if memo is None:
+            return apply_nn(self.nn_model, flat)
+        return memo.apply(lambda x: apply_nn(self.nn_model, x), flat, keys[mask])
 
     def _nn(self, snippets, mask):
         out = torch.zeros_like(snippets).permute(0, 2, 1).clone()
@@ -178,10 +177,13 @@ class Denoiser:
         return feats * keep[:, None, :], (per_channel * keep).sum(1)
 
 
-def _apply_nn(model, flat, batch=4096):
+def apply_nn(model, flat, batch=4096):
+    """The NN denoiser on single-channel rows (n, L), in batches, no gradients."""
     denoise = getattr(model, "denoise", None) or model
-    return torch.cat([_batch_invariant(denoise, flat[i: i + batch]) for i in range(0, len(flat), batch)]) \
-        if len(flat) else flat
+    if not len(flat):
+        return flat
+    with torch.no_grad():
+        return torch.cat([_batch_invariant(denoise, flat[i: i + batch]) for i in range(0, len(flat), batch)])
 
 
 def _batch_invariant(fn, x):

@@ -170,3 +170,37 @@ def test_time_blocked_conflict_tests_match_all_against_all():
     near = (((times[:, None] - times[None, refs]).abs() <= window) & conflicts[groups[:, None], groups[None, refs]]).any(1)
     assert torch.equal(_near(times, groups, times[refs], groups[refs], conflicts, window), near)
     assert 0 < near.sum() < n
+
+
+def test_subtraction_leaves_only_noise_where_big_spikes_were(gt_data, sorted_with_run_sorter):
+    """The denoiser's temporal PCA is fitted to the NN's output: fitted to raw snippets (mostly
+    noise on small channels) it missed the shape of big spikes, whose residuals (20% of their
+    peak-to-peak) came back as new events around them."""
+    from dartsort_si.config import load_config
+    from dartsort_si.preprocessing import preprocess
+    from dartsort_si.subtraction import SubtractionPeeler
+    from conftest import FAST_PARAMS
+
+    rec, gt, _ = gt_data
+    _, folder = sorted_with_run_sorter
+    models = torch.load(folder / "sorter_output" / "dartsort" / "models.pt", weights_only=False)
+    cfg = load_config(FAST_PARAMS)
+    prec = preprocess(rec, cfg.preprocessing, cfg.preprocessing_dtype)
+    fs = prec.sampling_frequency
+    g, w = Geometry.build(prec.get_channel_locations(), cfg), SnippetWindow.from_config(cfg, fs)
+    peeler = SubtractionPeeler(prec, g, w, Denoiser(wf.TemporalPCA(**models["tpca"]), models["nn"]), cfg, 8)
+    x = torch.as_tensor(prec.get_traces(start_frame=0, end_frame=int(4 * fs)).astype(np.float32))
+    residual = x.clone()
+    peeler.peel(residual)
+    offsets = np.arange(-w.n_before, w.n_after)
+    worst = []
+    for u in gt.unit_ids:
+        t = gt.get_unit_spike_train(u)
+        t = t[(t > 200) & (t < len(x) - 200)]
+        data, left = x.numpy()[t[:, None] + offsets], residual.numpy()[t[:, None] + offsets]
+        main = np.ptp(data.mean(0), 0).argmax()
+        if np.ptp(data.mean(0)[:, main]) > 25:  # big units (noise sd 1)
+            worst.append(np.median(np.abs(left[:, :, main]).max(1)))
+    print("median max |residual| on the main channel of big units:", np.round(worst, 1))
+    assert len(worst) >= 2
+    assert max(worst) < 4.5  # the max of 121 noise samples is ~3; the raw-fitted PCA left 7-11
