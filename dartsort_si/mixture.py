@@ -36,8 +36,8 @@ from scipy.stats import ks_2samp
 from threadpoolctl import threadpool_limits
 
 from .clustering import renumber
-from .refinement import (MAX_SPIKES, SEPARATED_DPRIME, _centres, _refractory_breach, _sample, peak_amplitudes,
-                         separation)
+from .refinement import (DRIFT_PIECE_RADIUS_UM, MAX_SPIKES, SEPARATED_DPRIME, _centres, _refractory_breach, _sample,
+                         peak_amplitudes, separation)
 
 logger = logging.getLogger("dartsort_si")
 
@@ -160,6 +160,7 @@ class GroupFit:
     raw: np.ndarray  # (n, rank * R) registered features, for peak amplitudes
     times: np.ndarray
     drift: np.ndarray  # (n,) displacement of each spike (quantized)
+    positions: np.ndarray  # (n, 2) x and registered z of each spike (um)
     components: np.ndarray  # temporal PCA basis
     boundary: float
     refractory: tuple
@@ -174,13 +175,23 @@ class GroupFit:
         """(two neurons, pieces of one unit) for spikes a and b. Two neurons: they break each
         other's refractory period, or at the same displacements their peak amplitudes differ
         beyond 1 +/- boundary or their features are SEPARATED_DPRIME apart (see
-        refinement._two_neurons and DRIFT_DIFFERENCE_P). Pieces of one
-        unit: at different displacements, with peak amplitudes one template can fit."""
+        refinement._two_neurons and DRIFT_DIFFERENCE_P). Pieces of one unit: at different
+        displacements, with peak amplitudes one template can fit, in one place (median
+        registered positions within DRIFT_PIECE_RADIUS_UM, as refinement.drift_piece_units
+        asks). Without the place, a piece of one unit (displacements 0..13 um) and another unit
+        (-14..12 um) 41 um away and d' 19 apart were joined (NP1 drifting seed 4, SNR 6.5 and
+        7.4); where the place agrees, d' does not tell pieces from neurons (a big unit's
+        waveform changes with drift: 32 spikes of an SNR-17 unit at -3..0 um, 1.26x as big as
+        its other 269 at the same position, NP1 drifting seed 1)."""
         if _refractory_breach(self.times[a], self.times[b], self.refractory):
             return True, False
         fits, moved = self.one_scale(a, b), self.at_different_displacements(a, b)
         apart = separation(self.raw[a], self.raw[b]) >= SEPARATED_DPRIME
-        return (not fits or apart) and not moved, fits and moved
+        return (not fits or apart) and not moved, fits and moved and self.one_place(a, b)
+
+    def one_place(self, a, b):
+        centre_a, centre_b = np.median(self.positions[a], 0), np.median(self.positions[b], 0)
+        return float(np.linalg.norm(centre_a - centre_b)) <= DRIFT_PIECE_RADIUS_UM
 
     def one_scale(self, a, b):
         """Peak amplitudes within matching's scale bound: one template can fit both."""
@@ -277,13 +288,14 @@ def refine(labels, x, z_reg, reg_features, *, times, amplitude_boundary, refract
     """
     labels = np.asarray(labels)
     ids, centres = _centres(labels, x, z_reg)
+    positions = np.stack([x, z_reg], 1)
     out = np.full(len(labels), -1, dtype=np.int64)
     if len(ids) == 0:
         return out
     next_id = 0
     with threadpool_limits(limits=1, user_api="blas"):
         for group in unit_groups(centres):
-            new, n_comps = _refine_group(labels, ids[group], centres[group], reg_features, times,
+            new, n_comps = _refine_group(labels, ids[group], centres[group], reg_features, times, positions,
                                          amplitude_boundary, refractory, n_dims)
             sel = new >= 0
             out[sel] = next_id + new[sel]
@@ -292,7 +304,7 @@ def refine(labels, x, z_reg, reg_features, *, times, amplitude_boundary, refract
     return out
 
 
-def _refine_group(labels, unit_ids, centres, reg_features, times, boundary, refractory, n_dims):
+def _refine_group(labels, unit_ids, centres, reg_features, times, positions, boundary, refractory, n_dims):
     """(labels of all spikes for this group's units, -1 elsewhere; number of components)."""
     members = [np.flatnonzero(labels == u) for u in unit_ids]
     chans = np.unique(np.concatenate([reg_features.channels_near(c, FEATURE_RADIUS_UM) for c in centres]))
@@ -309,8 +321,8 @@ def _refine_group(labels, unit_ids, centres, reg_features, times, boundary, refr
         for k, m in enumerate(members):
             out[m] = k
         return out, len(members)
-    fit = GroupFit(points, raw, times[sample], reg_features.drift[sample], reg_features.components, boundary,
-                   refractory)
+    fit = GroupFit(points, raw, times[sample], reg_features.drift[sample], positions[sample], reg_features.components,
+                   boundary, refractory)
     _, current = em(points, start)
     current = renumber(current)
     current = try_splits(fit, current)

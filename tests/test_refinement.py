@@ -220,10 +220,10 @@ def test_mixture_keeps_one_unit_whose_amplitude_changes_with_its_position():
     assert out.max() == 0
 
 
-def _two_components(rng, peaks, drifts, one_neuron, n=(200, 150), rank=5, n_chans=4):
+def _two_components(rng, peaks, drifts, one_neuron, n=(200, 150), rank=5, n_chans=4, distance_um=0.0):
     """A GroupFit of two well separated Gaussian clouds (a BIC prefers two), whose raw features
-    give the given peak amplitudes, at the given displacements; the spikes of one neuron (no
-    two within its refractory period) or of two firing independently."""
+    give the given peak amplitudes, at the given displacements, distance_um apart on the probe;
+    the spikes of one neuron (no two within its refractory period) or of two firing independently."""
     comps = basis(rank)
     raw = []
     for k, (peak, size) in enumerate(zip(peaks, n)):
@@ -237,7 +237,9 @@ def _two_components(rng, peaks, drifts, one_neuron, n=(200, 150), rank=5, n_chan
     else:
         times = np.concatenate([spike_times(rng, m, REFRACTORY[2]) for m in n])
     drift = np.concatenate([np.round(d) for d in drifts]).astype(np.int64)
-    fit = mixture.GroupFit(points, raw, times, drift, comps, BOUND, REFRACTORY)
+    positions = np.zeros((sum(n), 2))
+    positions[n[0]:, 1] = distance_um
+    fit = mixture.GroupFit(points, raw, times, drift, positions, comps, BOUND, REFRACTORY)
     return fit, np.repeat([0, 1], n)
 
 
@@ -258,6 +260,13 @@ def test_mixture_joins_two_components_of_one_unit_at_different_displacements():
     assert mixture.try_merges(fit, labels).max() == 1
     fit, labels = _two_components(rng, (10.0, 15.0), pieces, one_neuron=True)
     assert mixture.try_merges(fit, labels).max() == 1
+    # pieces of one unit sit in one place: two units 40 um apart whose displacements differ
+    # (one of them a piece at 0..13 um, NP1 drifting seed 4) stay two components
+    part = [rng.uniform(0.0, 13.0, 200), rng.uniform(-14.0, 12.0, 150)]
+    fit, labels = _two_components(rng, (10.0, 11.0), part, one_neuron=True, distance_um=40.0)
+    assert mixture.try_merges(fit, labels).max() == 1
+    fit, labels = _two_components(rng, (10.0, 11.0), part, one_neuron=True, distance_um=5.0)
+    assert mixture.try_merges(fit, labels).max() == 0
 
 
 def _varying_unit(rng, geom, pos, amplitude, drift, spread):
