@@ -55,3 +55,19 @@ def test_too_few_spikes_is_an_error():
     cfg = DARTsortUserConfig()
     with pytest.raises(ValueError, match="do_motion_estimation=False"):
         estimate_motion(np.arange(50.0), np.full(50, 100.0), np.ones(50), cfg, geom=GEOM, progress=False)
+
+
+def test_an_estimate_that_blurs_the_depths_is_refused():
+    """A registration must line spikes up: static units corrected by a made-up jump of 120 um
+    (what DREDge gave an 8 s, 16-channel static recording) come out blurred, drifting units
+    corrected by their true drift come out sharper."""
+    from dartsort_si.motion import MIN_SHARPENING, sharpening
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 8, 2000)
+    depths = rng.choice([10.0, 15.0, 60.0, 65.0], 2000) + rng.normal(0, 1.5, 2000)
+    jump = np.where(t < 4, 41.0, -80.0)
+    assert sharpening(depths, depths - jump) < MIN_SHARPENING
+    drift = 10 * np.sin(t)
+    assert sharpening(depths + drift, depths) > 1.5
+    assert sharpening(depths, depths) == pytest.approx(1.0)
