@@ -152,7 +152,7 @@ def _matcher_class():
             geom = recording.get_channel_locations()
             data = templates.get_dense_templates() / self.noise_levels
             k = len(data)
-            # how many spikes each template averages is not known: counts 0 (see matching.low_rank)
+            # how many spikes each template averages is not known: counts 0 (see matching.low_rank_factors)
             ours = Templates(data.astype(np.float32), np.arange(k), np.zeros(k, np.int64), templates.nbefore)
             motion = MotionInfo.from_motion_est(geom=geom, rgeom=geom)  # no drift: registered = real
             self.matcher = TemplateMatcher(recording, ours, motion, cfg, Geometry.build(geom, cfg, "cpu"),

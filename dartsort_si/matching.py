@@ -91,8 +91,10 @@ class TemplateMatcher(PeakDetector):
         # (~120, in noise units squared) outweighed its signal, so no spike of it was ever
         # taken (static NP1 seed 1: four units found among the leftovers matched 26-84 spikes
         # of their 146-180). Components under the templates' own noise are dropped as well.
-        self.upsampled = fractional_shifts(low_rank(templates.data, SVD_RANK, templates.counts),
-                                           cfg.temporal_upsamples)
+        temporal, self.spatial_reg = low_rank_factors(templates.data, SVD_RANK, templates.counts)
+        # a time shift acts on the temporal factors only: shifted versions share the spatial ones
+        self.temporal_up = torch.as_tensor(fractional_shifts(temporal.transpose(0, 2, 1), cfg.temporal_upsamples),
+                                           device=device)  # (K, U, L, r)
         rgeom = motion_info.rgeom
         self.unit_reg_depths = rgeom[templates.main_channels(), 1]
         # real channel c of a unit displaced by d reads the registered template at geom[c] - d
@@ -108,14 +110,15 @@ class TemplateMatcher(PeakDetector):
         return spike_dtype
 
     # -- templates for this chunk
-    def chunk_templates(self, t_mid_s):
-        """(K, U, L, C) templates on the real probe at time t_mid_s: real channel c
-        of a unit displaced by d shows the registered template at geom[c] - d."""
+    def chunk_templates(self, t_mid_s) -> "LowRankTemplates":
+        """The templates on the real probe at time t_mid_s: real channel c of a unit displaced
+        by d shows the registered template at geom[c] - d. Kriging acts on channels, so only
+        the spatial factors move."""
         drift = drift_steps(self.motion_info, np.full(self.templates.n_units, t_mid_s), self.unit_reg_depths)
-        out = np.zeros(self.upsampled.shape[:3] + (len(self.motion_info.geom),), np.float32)
+        out = np.zeros(self.spatial_reg.shape[:2] + (len(self.motion_info.geom),), np.float32)
         for d in np.unique(drift):
-            out[drift == d] = self.kriging.at_drift(self.upsampled[drift == d], d)
-        return torch.as_tensor(out, device=self.device)
+            out[drift == d] = self.kriging.at_drift(self.spatial_reg[drift == d], d)
+        return LowRankTemplates(self.temporal_up, torch.as_tensor(out, device=self.device))
 
     def compute(self, traces, start_frame, end_frame, segment_index, max_margin):
         x = torch.as_tensor(np.asarray(traces, dtype=np.float32), device=self.device)
@@ -129,7 +132,7 @@ class TemplateMatcher(PeakDetector):
         margin = self.get_margin()
         keep = (times >= margin) & (times < len(x) - margin)
         times, units, scales, ups = times[keep], units[keep], scales[keep], ups[keep]
-        base = temps[:, self.upsampled.shape[1] // 2]
+        base = temps.base()
         main = wf.ptp(base).argmax(1)  # (K,) main real channel per unit
         spikes = np.zeros(len(times), dtype=spike_dtype)
         spikes["sample_index"] = times.cpu().numpy()
@@ -179,7 +182,7 @@ class TemplateMatcher(PeakDetector):
         """Point-source fit on the collision-cleaned waveform: residual + own scaled template."""
         g = self.geometry
         offsets = torch.arange(-self.n_before, self.length - self.n_before, device=self.device)
-        own = temps[units, ups] * scales[:, None, None]  # (n, L, C)
+        own = temps.waveforms(units, ups) * scales[:, None, None]  # (n, L, C)
         own = torch.cat([own, torch.zeros_like(own[:, :, :1])], dim=2)
         cols = g.localization_index[chans]
         own = torch.gather(own, 2, cols[:, None, :].expand(-1, self.length, -1))
@@ -190,18 +193,15 @@ class TemplateMatcher(PeakDetector):
         return locs.astype(np.float32)
 
     # -- matching pursuit
-    def peel(self, residual, temps):
+    def peel(self, residual, temps: "LowRankTemplates"):
         n_units, n_up, length, n_chans = temps.shape
-        base = temps[:, n_up // 2]
-        u, s, vh = torch.linalg.svd(base, full_matrices=False)  # (K,L,r) (K,r) (K,r,C)
-        rank = min(SVD_RANK, s.shape[1])
-        temporal = u[:, :, :rank].permute(0, 2, 1)  # (K, r, L)
-        spatial = s[:, :rank, None] * vh[:, :rank]  # (K, r, C)
-        norms = (temps ** 2).sum((2, 3))  # (K, U)
+        temporal = temps.temporal[:, n_up // 2].permute(0, 2, 1)  # (K, r, L)
+        spatial = temps.spatial  # (K, r, C)
+        norms = temps.norms()  # (K, U)
         base_norm = norms[:, n_up // 2]
         n_t = len(residual) - length + 1
         blocked = torch.zeros((n_units, n_t), dtype=torch.bool, device=residual.device)
-        overlap = unit_overlaps(base)
+        overlap = unit_overlaps(temps.base())
         found = []
         to_rank = spatial.reshape(-1, n_chans).T  # (C, K r)
         proj = residual @ to_rank  # (T, K r)
@@ -222,9 +222,9 @@ class TemplateMatcher(PeakDetector):
             # takes part of it (the "echoes" at fixed lags, see ECHO_RATIO)
             keep = wf.strongest(best[pick], pick, unit, overlap, length - 1)
             pick, unit = pick[keep], unit[keep]
-            t, a, j = self.refine(residual, temps, norms, pick, unit)
+            t, a, j = self.refine(proj, temps, norms, pick, unit)
             rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
-            wf_sub = temps[unit, j] * a[:, None, None]
+            wf_sub = temps.waveforms(unit, j) * a[:, None, None]
             residual.index_put_((rows[:, :, None].expand(-1, -1, n_chans).reshape(-1),
                                  torch.arange(n_chans, device=residual.device).expand(len(t), length, -1).reshape(-1)),
                                 -wf_sub.reshape(-1), accumulate=True)
@@ -278,22 +278,59 @@ class TemplateMatcher(PeakDetector):
             a = a.clamp(1 - self.boundary, 1 + self.boundary)
         return a, 2 * a * dot - a * a * norm
 
-    def refine(self, residual, temps, norms, t, unit):
-        """Best sub-sample version and scale for each picked (time, unit)."""
-        length = temps.shape[2]
-        rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
-        snips = residual[rows]  # (n, L, C)
-        dots = torch.einsum("nlc,nulc->nu", snips, temps[unit])
+    def refine(self, proj, temps, norms, t, unit):
+        """Best sub-sample version and scale for each picked (time, unit). The residual's dot
+        product with a version is its temporal factors against the residual's projection on
+        the unit's spatial factors (proj, current), which the objective already keeps: taking
+        them from the dense templates copied U x L x C floats per pick (10% of matching)."""
+        n_up, length, rank = temps.temporal.shape[1:]
+        rows = t[:, None] + torch.arange(length, device=proj.device)[None, :]
+        cols = unit[:, None] * rank + torch.arange(rank, device=proj.device)[None, :]
+        windows = proj[rows[:, :, None], cols[:, None, :]]  # (n, L, r)
+        dots = torch.einsum("nlr,nulr->nu", windows, temps.temporal[unit])
         a, gain = self.best_scale(dots, norms[unit])
         j = gain.argmax(1)
         return t, a[torch.arange(len(t)), j], j
 
 
-def low_rank(data: np.ndarray, rank: int, counts=None) -> np.ndarray:
+class LowRankTemplates:
+    """Templates as factors: version j of unit k is temporal[k, j] (L, r) @ spatial[k] (r, C)."""
+
+    def __init__(self, temporal: torch.Tensor, spatial: torch.Tensor):
+        self.temporal = temporal  # (K, U, L, r)
+        self.spatial = spatial  # (K, r, C)
+        self.shape = (temporal.shape[0], temporal.shape[1], temporal.shape[2], spatial.shape[2])
+
+    @classmethod
+    def from_dense(cls, data: torch.Tensor, rank: int = SVD_RANK) -> "LowRankTemplates":
+        """From (K, U, L, C) versions that are time shifts of each other (the middle one's
+        spatial factors serve all)."""
+        _, s, vh = torch.linalg.svd(data[:, data.shape[1] // 2], full_matrices=False)
+        spatial = vh[:, : min(rank, s.shape[1])]  # orthonormal rows: a version's temporal factors
+        return cls(data @ spatial[:, None].transpose(2, 3), spatial)  # are its projection on them
+
+    def waveforms(self, units, ups):
+        """(n, L, C) versions ups of units."""
+        return self.temporal[units, ups] @ self.spatial[units]
+
+    def base(self):
+        """(K, L, C) the unshifted versions."""
+        return self.temporal[:, self.shape[1] // 2] @ self.spatial
+
+    def norms(self):
+        """(K, U) squared norms, from the factors' Gram matrices."""
+        gram_t = self.temporal.transpose(2, 3) @ self.temporal  # (K, U, r, r)
+        gram_s = self.spatial @ self.spatial.transpose(1, 2)  # (K, r, r)
+        return (gram_t * gram_s[:, None]).sum((2, 3))
+
+
+def low_rank_factors(data: np.ndarray, rank: int, counts=None):
     """(K, L, C) templates, each replaced by its best approximation (time x channels) of rank at
-    most `rank`. With counts (spikes averaged per template, 0 for unknown), components under the
-    noise of an average of that many snippets are dropped too: the largest singular value of an
-    L x C matrix of white noise of sd 1/sqrt(count) is about (sqrt(L) + sqrt(C)) / sqrt(count)."""
+    most `rank`, as factors: temporal (K, r, L), orthonormal rows, and spatial (K, r, C). With
+    counts (spikes averaged per template, 0 for unknown), components under the noise of an
+    average of that many snippets are dropped too (their spatial rows zeroed): the largest
+    singular value of an L x C matrix of white noise of sd 1/sqrt(count) is about
+    (sqrt(L) + sqrt(C)) / sqrt(count)."""
     u, s, vh = np.linalg.svd(data.astype(np.float64), full_matrices=False)
     r = min(rank, s.shape[1])
     u, s, vh = u[:, :, :r], s[:, :r], vh[:, :r]
@@ -304,7 +341,7 @@ def low_rank(data: np.ndarray, rank: int, counts=None) -> np.ndarray:
         keep = s > floor[:, None]
         keep[:, 0] = True
         s = s * keep
-    return np.einsum("klr,kr,krc->klc", u, s, vh).astype(np.float32)
+    return u.transpose(0, 2, 1).astype(np.float32), (s[:, :, None] * vh).astype(np.float32)
 
 
 def prototype_waveform(templates: Templates) -> np.ndarray:

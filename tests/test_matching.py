@@ -5,7 +5,7 @@ the matched spikes are dropped."""
 import numpy as np
 import torch
 
-from dartsort_si.matching import TemplateMatcher, time_locked_echoes
+from dartsort_si.matching import LowRankTemplates, TemplateMatcher, time_locked_echoes
 
 
 def _objective_after_subtractions(times, n_t=3000, seed=0):
@@ -64,7 +64,7 @@ def test_no_small_template_is_fitted_to_a_bigger_spike_picked_in_the_same_round(
     starts = range(100, 2900, 300)
     for s in starts:
         traces[s: s + length] += torch.as_tensor(a)
-    times, units, scales, _ = matcher.peel(traces, torch.as_tensor(np.stack([a, b])[:, None]))
+    times, units, scales, _ = matcher.peel(traces, LowRankTemplates.from_dense(torch.as_tensor(np.stack([a, b])[:, None])))
     assert units.tolist() == [0] * len(starts)
     assert times.tolist() == [s + 20 for s in starts]
     assert torch.allclose(scales, torch.ones_like(scales))
