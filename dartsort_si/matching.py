@@ -283,7 +283,7 @@ class TemplateMatcher(PeakDetector):
         product with a version is its temporal factors against the residual's projection on
         the unit's spatial factors (proj, current), which the objective already keeps: taking
         them from the dense templates copied U x L x C floats per pick (10% of matching)."""
-        n_up, length, rank = temps.temporal.shape[1:]
+        length, rank = temps.temporal.shape[2:]
         rows = t[:, None] + torch.arange(length, device=proj.device)[None, :]
         cols = unit[:, None] * rank + torch.arange(rank, device=proj.device)[None, :]
         windows = proj[rows[:, :, None], cols[:, None, :]]  # (n, L, r)
@@ -306,8 +306,9 @@ class LowRankTemplates:
         """From (K, U, L, C) versions that are time shifts of each other (the middle one's
         spatial factors serve all)."""
         _, s, vh = torch.linalg.svd(data[:, data.shape[1] // 2], full_matrices=False)
-        spatial = vh[:, : min(rank, s.shape[1])]  # orthonormal rows: a version's temporal factors
-        return cls(data @ spatial[:, None].transpose(2, 3), spatial)  # are its projection on them
+        # orthonormal rows, so each version's temporal factors are its projection on them
+        spatial = vh[:, : min(rank, s.shape[1])]
+        return cls(data @ spatial[:, None].transpose(2, 3), spatial)
 
     def waveforms(self, units, ups):
         """(n, L, C) versions ups of units."""
