@@ -65,11 +65,17 @@ def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
 
 class TemplateMatcher(PeakDetector):
     def __init__(self, recording, templates: Templates, motion_info, cfg, geometry, device="cpu",
-                 with_features=True, leftover_threshold=None, dedup_samples=7):
+                 with_features=True, leftover_threshold=None, dedup_samples=7, known=None, match_units=None):
         """leftover_threshold: also return the residual's threshold crossings at this level
         (after matching: events no template explains) as a third output, with their
-        amplitude and point-source (x, z) on the residual."""
+        amplitude and point-source (x, z) on the residual.
+        known: spikes (spike_dtype, absolute sample indices, sorted, unit_index into templates)
+        already matched, subtracted from each chunk before matching; match_units: indices of
+        the templates to look for (default: all). Together they match new templates on the
+        residual of an earlier pass without redoing it."""
         super().__init__(recording, return_output=True)
+        self.known = known
+        self.match_units = None if match_units is None else torch.as_tensor(np.asarray(match_units), device=device)
         self.leftover_threshold = leftover_threshold
         # the prototype has the units' polarity, so their spikes score positive
         self.leftover_sign = "both" if cfg.peak_sign == "both" else "pos"
@@ -128,7 +134,13 @@ class TemplateMatcher(PeakDetector):
             out = (empty, np.zeros((0, 4), np.float32)) if self.with_features else (empty,)
             return self._with_leftovers(out, residual, start_frame)
         temps = self.chunk_templates((start_frame + end_frame) / 2 / self.fs)
-        times, units, scales, ups = self.peel(residual, temps)
+        if self.known is not None:
+            self.subtract_known(residual, temps, start_frame)
+        if self.match_units is None:
+            times, units, scales, ups = self.peel(residual, temps)
+        else:
+            times, units, scales, ups = self.peel(residual, temps.subset(self.match_units))
+            units = self.match_units[units]
         margin = self.get_margin()
         keep = (times >= margin) & (times < len(x) - margin)
         times, units, scales, ups = times[keep], units[keep], scales[keep], ups[keep]
@@ -146,6 +158,22 @@ class TemplateMatcher(PeakDetector):
             return self._with_leftovers((spikes,), residual, start_frame)
         out = (spikes, self.localize(residual, temps, times, units, scales, ups, main[units]))
         return self._with_leftovers(out, residual, start_frame)
+
+    def subtract_known(self, residual, temps, start_frame):
+        """Subtract the known spikes whose waveforms reach into this chunk (margins included)."""
+        first = start_frame - self.get_margin()  # absolute sample of residual[0]
+        times = self.known["sample_index"]
+        lo = np.searchsorted(times, first + self.n_before - self.length, side="right")
+        hi = np.searchsorted(times, first + self.n_before + len(residual))
+        k = self.known[lo:hi]
+        if not len(k):
+            return
+        dev = residual.device
+        starts = torch.as_tensor(k["sample_index"] - self.n_before - first, device=dev)
+        units = torch.as_tensor(np.ascontiguousarray(k["unit_index"]), device=dev)
+        ups = torch.as_tensor(k["upsample_index"].astype(np.int64), device=dev)
+        scales = torch.as_tensor(np.ascontiguousarray(k["scale"]), device=dev)
+        subtract_waveforms(residual, temps.waveforms(units, ups) * scales[:, None, None], starts)
 
     def _with_leftovers(self, out, residual, start_frame):
         if self.leftover_threshold is None:
@@ -223,11 +251,7 @@ class TemplateMatcher(PeakDetector):
             keep = wf.strongest(best[pick], pick, unit, overlap, length - 1)
             pick, unit = pick[keep], unit[keep]
             t, a, j = self.refine(proj, temps, norms, pick, unit)
-            rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
-            wf_sub = temps.waveforms(unit, j) * a[:, None, None]
-            residual.index_put_((rows[:, :, None].expand(-1, -1, n_chans).reshape(-1),
-                                 torch.arange(n_chans, device=residual.device).expand(len(t), length, -1).reshape(-1)),
-                                -wf_sub.reshape(-1), accumulate=True)
+            rows = subtract_waveforms(residual, temps.waveforms(unit, j) * a[:, None, None], t)
             changed = torch.unique(rows)
             proj[changed] = residual[changed] @ to_rank
             conv = self.update_objective(conv, proj, temporal, t)
@@ -310,6 +334,9 @@ class LowRankTemplates:
         spatial = vh[:, : min(rank, s.shape[1])]
         return cls(data @ spatial[:, None].transpose(2, 3), spatial)
 
+    def subset(self, units) -> "LowRankTemplates":
+        return LowRankTemplates(self.temporal[units], self.spatial[units])
+
     def waveforms(self, units, ups):
         """(n, L, C) versions ups of units."""
         return self.temporal[units, ups] @ self.spatial[units]
@@ -323,6 +350,21 @@ class LowRankTemplates:
         gram_t = self.temporal.transpose(2, 3) @ self.temporal  # (K, U, r, r)
         gram_s = self.spatial @ self.spatial.transpose(1, 2)  # (K, r, r)
         return (gram_t * gram_s[:, None]).sum((2, 3))
+
+
+def subtract_waveforms(residual: torch.Tensor, waves: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """residual (T, C) -= waves (n, L, C) placed at rows starts (n,) on; rows outside the
+    residual are left out. Returns the (n, L) rows, clipped to the residual."""
+    n, length, n_chans = waves.shape
+    rows = starts[:, None] + torch.arange(length, device=residual.device)[None, :]
+    inside = (rows >= 0) & (rows < len(residual))
+    if not inside.all():
+        waves = waves * inside[:, :, None]
+        rows = rows.clamp(0, len(residual) - 1)
+    cols = torch.arange(n_chans, device=residual.device).expand(n, length, -1)
+    residual.index_put_((rows[:, :, None].expand(-1, -1, n_chans).reshape(-1), cols.reshape(-1)),
+                        -waves.reshape(-1), accumulate=True)
+    return rows
 
 
 def low_rank_factors(data: np.ndarray, rank: int, counts=None):
@@ -378,6 +420,20 @@ def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatial:
     sample = score[::MAD_STRIDE]
     mad = (sample - sample.median(0).values).abs().median(0).values / 0.6745
     return per_channel, score / mad.clamp(min=1e-6)
+
+
+def could_take_spikes(old: torch.Tensor, new: torch.Tensor, threshold: float, boundary: float,
+                      noise_sds: float = 3.0) -> torch.Tensor:
+    """(K_old,) bool: old templates (K_old, L, C) that matching could fit to a spike of one of
+    the new templates (K_new, L, C): at the best lag and a scale within 1 +/- boundary, the
+    decrease 2 a <new, old> - a^2 |old|^2, plus noise_sds times the sd that unit noise adds to it
+    (2 a |old|), reaches threshold (a squared norm)."""
+    length = old.shape[1]
+    dots = F.conv1d(new.permute(0, 2, 1), old.permute(0, 2, 1), padding=length - 1).amax(2)  # (K_new, K_old)
+    norm = old.square().sum((1, 2))
+    scales = torch.linspace(1 - boundary, 1 + boundary, 5)[:, None, None]
+    gain = 2 * scales * (dots + noise_sds * norm.sqrt()) - scales ** 2 * norm
+    return (gain >= threshold).any(0).any(0)
 
 
 def unit_overlaps(templates: torch.Tensor) -> torch.Tensor:

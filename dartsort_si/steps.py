@@ -5,6 +5,7 @@ atomically in the output folder, and returns early when that file exists.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .motion_info import MotionInfo
 from .sorting import DARTsortSorting, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
-from .matching import TemplateMatcher, time_locked_echoes
+from .matching import TemplateMatcher, could_take_spikes, time_locked_echoes
 from .motion import MotionNotEstimable, estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
@@ -28,6 +29,9 @@ logger = logging.getLogger("dartsort_si")
 
 N_FIT_CHUNKS = 20
 MAX_FIT_SNIPPETS = 20000
+# single-channel rows the temporal PCAs are fitted on, drawn from the fit snippets' rows: all
+# ~280,000 of 20,000 snippets x 14 channels took 3.3 s of fit_models (NN pass and SVD, py-spy)
+MAX_TPCA_ROWS = 50000
 DEDUP_MS = 0.25
 MIN_UNIT_SPIKES = 20
 # events this close to a 3x bigger one are left out of clustering (clustering.echo_mask)
@@ -114,8 +118,7 @@ def sample_snippets(ctx):
     fit_index = torch.as_tensor(make_channel_index(g.geom, ctx.cfg.fit_radius_um))
     rng = np.random.default_rng(0)
     traces, peaks, noise = [], [], []
-    for start, end in _fit_chunks(ctx):
-        x = torch.as_tensor(ctx.rec.get_traces(start_frame=start, end_frame=end).astype(np.float32))
+    for x in _read_chunks(ctx, _fit_chunks(ctx)):
         t, c, _ = wf.find_peaks(x, ctx.cfg.voltage_threshold, ctx.cfg.peak_sign, g.dedup_index.cpu(),
                                 ctx.dedup_samples, valid=(w.n_before, len(x) - w.n_after))
         traces.append(x)
@@ -138,8 +141,36 @@ def sample_snippets(ctx):
     return spikes, noise
 
 
+def _read_chunks(ctx, slices):
+    """The traces of each (start, end) as float32 tensors, in order, read by n_jobs threads
+    (filtering and the median reference release the GIL; read one by one, the 20 fit chunks
+    took 2.2 s of a 60 s x 128 ch sort)."""
+    n_jobs = max(1, int(ctx.job_kwargs.get("n_jobs", 1)))
+
+    def read(s):
+        return torch.as_tensor(ctx.rec.get_traces(start_frame=s[0], end_frame=s[1]).astype(np.float32))
+
+    with ThreadPoolExecutor(n_jobs) as pool:
+        pending = [pool.submit(read, s) for s in slices[:n_jobs]]
+        for k in range(len(slices)):
+            x = pending.pop(0).result()
+            if k + n_jobs < len(slices):
+                pending.append(pool.submit(read, slices[k + n_jobs]))
+            yield x
+
+
 def _quiet_snippets(x, threshold, length, rng, n=500):
-    """Up to n random single-channel windows of x that no threshold crossing touches."""
+    """Up to n random single-channel windows of x that no threshold crossing touches: among 4n
+    windows drawn at random, or, where fewer than n of those are quiet (a crowded chunk), among
+    all quiet windows (listing them took 40 ms per 1 s x 128 ch chunk)."""
+    if len(x) < length:
+        return torch.zeros((0, length))
+    ts = torch.as_tensor(rng.integers(0, len(x) - length + 1, 4 * n))
+    cs = torch.as_tensor(rng.integers(0, x.shape[1], 4 * n))
+    windows = x[ts[:, None] + torch.arange(length), cs[:, None]]
+    windows = windows[(windows.abs() < threshold).all(1)]
+    if len(windows) >= n:
+        return windows[:n]
     loud = torch.zeros((x.shape[0] + 1, x.shape[1]), dtype=torch.int32)
     loud[1:] = torch.cumsum((x.abs() >= threshold).int(), 0)
     quiet = (loud[length:] - loud[:-length]) == 0  # (T - length + 1, C): window starting at t
@@ -164,6 +195,9 @@ def fit_temporal_pcas(spikes, window, rank, nn_model):
     snippets (clustering features)."""
     single = spikes.permute(0, 2, 1).reshape(-1, spikes.shape[1])
     single = single[torch.isfinite(single).all(1)]
+    if len(single) > MAX_TPCA_ROWS:
+        pick = np.sort(np.random.default_rng(0).choice(len(single), MAX_TPCA_ROWS, replace=False))
+        single = single[torch.as_tensor(pick)]
     # fitted on raw snippets, mostly noise on small channels, the basis missed the shape of
     # big spikes: NP2 seed 4, an SNR-56 unit kept residuals of 11 noise sd on its main channel
     # after subtraction (20% of its peak-to-peak), which came back as events 0.2-1.3 ms from
@@ -459,12 +493,7 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
                                int(_template_labels(sorting).max(initial=-1)))
             new = leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id)
             if new.n_units:
-                # units the clustering missed: match again with their templates added
-                more = temps.concat(new)
-                spikes2, locs2 = _match_pass(ctx, more, motion_info)
-                if _rematch_is_sane(spikes, spikes2, temps.n_units, new.counts):
-                    keep = _spikes_of_kept_new_units(spikes2, temps.n_units, new.counts)
-                    temps, spikes, locs = more, spikes2[keep], locs2[keep]
+                temps, spikes, locs = _match_new_units(ctx, temps, new, spikes, locs, motion_info)
             unit_of = _unit_of_template(sorting)
             units = np.array([unit_of.get(int(t), int(t)) for t in temps.unit_ids])
             spikes, locs = _without_echoes(ctx, spikes, locs, temps, units)
@@ -479,6 +508,33 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
                                labels=units[spikes["unit_index"]], sampling_frequency=ctx.fs,
                                geom=ctx.geometry.geom, features=features)
     return DARTsortSorting.from_peeling_hdf5(path)
+
+
+def _match_new_units(ctx, temps, new, spikes, locs, motion_info):
+    """(templates, spikes, localizations) with the units the clustering missed (new) matched on
+    the first pass's residual, together with the old units that could have taken their spikes
+    in the first pass (matching.could_take_spikes): the other old units' spikes are subtracted
+    chunk by chunk and kept as they are.
+    Matching again with every template took as long as the first pass (10-12 s of a 60 s x
+    128 ch sort); matching the new units alone left their spikes with the old units that took
+    them in the first pass (NP1 drifting seed 1: an SNR-6 unit kept 7 spikes of an SNR-2 one)."""
+    more = temps.concat(new)
+    n_old = temps.n_units
+    data = torch.as_tensor(more.data)
+    near = could_take_spikes(data[:n_old], data[n_old:], ctx.cfg.matching_threshold ** 2,
+                             ctx.cfg.amplitude_scaling_boundary).numpy()
+    redo = np.r_[np.flatnonzero(near), np.arange(n_old, more.n_units)]
+    kept = ~near[spikes["unit_index"]]
+    extra, extra_locs = _match_pass(ctx, more, motion_info, known=spikes[kept], match_units=redo)
+    both = np.concatenate([spikes[kept], extra])
+    order = np.argsort(both["sample_index"], kind="stable")
+    both, both_locs = both[order], np.concatenate([locs[kept], extra_locs])[order]
+    logger.info("dartsort: %d new units matched with the %d old units that could take their spikes",
+                new.n_units, near.sum())
+    if not _rematch_is_sane(spikes, both, n_old, new.counts):
+        return temps, spikes, locs
+    keep = _spikes_of_kept_new_units(both, n_old, new.counts)
+    return more, both[keep], both_locs[keep]
 
 
 def _without_echoes(ctx, spikes, locs, temps, units):
@@ -516,11 +572,12 @@ def _spikes_of_kept_new_units(spikes, n_old, new_counts):
     return ~np.isin(spikes["unit_index"], weak)
 
 
-def _match_pass(ctx, temps, motion_info, leftovers=False):
-    """(spikes, localizations[, leftover events]) of one matching pass, spikes in time order."""
+def _match_pass(ctx, temps, motion_info, leftovers=False, known=None, match_units=None):
+    """(spikes, localizations[, leftover events]) of one matching pass, spikes in time order
+    (known, match_units: see TemplateMatcher)."""
     node = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device,
                            leftover_threshold=LEFTOVER_THRESHOLD if leftovers else None,
-                           dedup_samples=ctx.dedup_samples)
+                           dedup_samples=ctx.dedup_samples, known=known, match_units=match_units)
     outs = _run_nodes(ctx, node, None, "matching")
     spikes, locs = outs[0], outs[1]
     order = np.argsort(spikes["sample_index"], kind="stable")

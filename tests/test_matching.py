@@ -139,3 +139,83 @@ def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
     caught = np.abs(times[:, None] - found[None, :]).min(1) <= 2
     assert caught.mean() > 0.6, caught.mean()
     assert (~near).sum() <= 0.1 * len(found)
+
+
+def _two_unit_recording(n=60_000, seed=0):
+    """16 channels of unit noise; unit A (peak ~16 sd) and unit B (a quarter of A's size, 20 um
+    lower, its trough later), whose spikes often fall within a template length of A's."""
+    import spikeinterface.core as sc
+    from probeinterface import generate_linear_probe
+
+    rng = np.random.default_rng(seed)
+    n_chans, length, n_before = 16, 121, 42
+    geom = np.c_[np.zeros(n_chans), np.arange(n_chans) * 20.0]
+    t = np.arange(length) - n_before
+
+    def unit(depth, size, lag):
+        wave = -np.exp(-0.5 * ((t - lag) / 4.0) ** 2) + 0.4 * np.exp(-0.5 * ((t - lag - 12) / 8.0) ** 2)
+        spread = np.exp(-np.abs(geom[:, 1] - depth) / 30.0)
+        return (size * wave[:, None] * spread[None, :]).astype(np.float32)
+
+    a, b = unit(150.0, 16.0, 0), unit(130.0, 4.0, 3)
+    times_a = np.arange(1000, n - 1000, 400)
+    times_b = times_a[::2] + rng.integers(-60, 60, len(times_a[::2]))
+    traces = rng.standard_normal((n, n_chans)).astype(np.float32)
+    for s in times_a:
+        traces[s - n_before: s - n_before + length] += a
+    for s in times_b:
+        traces[s - n_before: s - n_before + length] += b
+    rec = sc.NumpyRecording(traces, 30_000.0)
+    probe = generate_linear_probe(num_elec=n_chans)
+    probe.set_contacts(geom)
+    probe.set_device_channel_indices(np.arange(n_chans))
+    rec.set_probe(probe)
+    return rec, geom, np.stack([a, b]), n_before, times_a, times_b
+
+
+def test_new_units_are_matched_on_the_residual_of_the_first_pass():
+    # the second pass after the leftover search: the first pass's spikes (unit A, which cannot
+    # take B's spikes) are subtracted and only the new template (B) is looked for. B's spikes are
+    # found, those in A's shadow included, and none is put on A's spikes, which B's template
+    # would fit were A not subtracted
+    from dartsort_si.config import load_config
+    from dartsort_si.motion_info import MotionInfo
+    from dartsort_si.subtraction import Geometry
+    from dartsort_si.templates import Templates
+
+    rec, geom, data, n_before, times_a, times_b = _two_unit_recording()
+    cfg = load_config({})
+    traces = rec.get_traces()
+
+    def run(units, **kwargs):
+        matcher = TemplateMatcher(rec, Templates(data[units], np.array(units), np.full(len(units), 500), n_before),
+                                  MotionInfo.from_motion_est(geom=geom, rgeom=geom), cfg, Geometry.build(geom, cfg),
+                                  with_features=False, **kwargs)
+        margin = matcher.get_margin()  # start_frame = margin: sample indices are absolute
+        return matcher.compute(traces, margin, len(traces) - margin, 0, margin)[0]
+
+    first = run([0])
+    assert (np.abs(first["sample_index"][:, None] - times_a).min(1) <= 2).all()
+    second = run([0, 1], known=first, match_units=[1])
+    assert (second["unit_index"] == 1).all()
+    found = np.abs(times_b[:, None] - second["sample_index"][None]).min(1) <= 2
+    # B spikes within 15 samples of an A spike are lost to A's fit (so with both templates in one
+    # pass: 61 of 73 found either way); those 15-60 samples away, in A's shadow, are all found
+    shadow = np.abs(times_b[:, None] - times_a[None]).min(1) >= 15
+    assert found[shadow].all() and found.mean() > 0.8, found.mean()
+    assert len(second) <= len(times_b) + 2
+    # without the first pass subtracted, B's template takes A's spikes as well
+    blind = run([0, 1], match_units=[1])
+    assert len(blind) > len(times_b) + 0.5 * len(times_a)
+
+
+def test_only_old_units_that_could_take_a_new_units_spikes_are_matched_again():
+    from dartsort_si.matching import could_take_spikes
+
+    _, _, data, _, _, _ = _two_unit_recording(n=3000)
+    a, b = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    far = torch.roll(b, 8, dims=1)  # B's shape 160 um away
+    old = torch.stack([a, 1.1 * b, far])
+    take = could_take_spikes(old, b[None], threshold=64.0, boundary=1 / 3)
+    # A is 4x B: fitted to a B spike it removes more than B holds; a B-like unit can; a far one cannot
+    assert take.tolist() == [False, True, False]
