@@ -218,7 +218,8 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
     timer = Timer(out / "timings.json")
     with timer("preprocessing"):
         rec = join_segments(preprocess(recording, cfg.preprocessing, cfg.preprocessing_dtype))
-        check_standardized(rec)
+        if cfg.preprocessing == "none":
+            check_standardized(rec)
         if cfg.copy_recording_to_tmpdir:
             rec = steps.copy_recording(rec, out, cfg, job_kwargs)
     geom = rec.get_channel_locations()

@@ -68,13 +68,14 @@ def test_not_standardized_with_preprocessing_none(tmp_path):
         dartsort(_rec(scale=50.0), tmp_path / "out", cfg=dict(preprocessing="none"))
 
 
-def test_nans(tmp_path):
+@pytest.mark.parametrize("preprocessing", ["none", "ibllikecmr"])
+def test_nans(tmp_path, preprocessing):
     rec = _rec()
     traces = rec.get_traces().copy()
     traces[100:200, 3] = np.nan
     bad = with_probe(si.NumpyRecording(traces, sampling_frequency=30000.0))
     with pytest.raises(ValueError, match="NaN"):
-        dartsort(bad, tmp_path / "out", cfg=dict(preprocessing="none"))
+        dartsort(bad, tmp_path / "out", cfg=dict(preprocessing=preprocessing))
 
 
 def test_folder_not_ours_is_left_alone(tmp_path):
