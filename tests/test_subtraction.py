@@ -204,3 +204,20 @@ def test_subtraction_leaves_only_noise_where_big_spikes_were(gt_data, sorted_wit
     print("median max |residual| on the main channel of big units:", np.round(worst, 1))
     assert len(worst) >= 2
     assert max(worst) < 4.5  # the max of 121 noise samples is ~3; the raw-fitted PCA left 7-11
+
+
+def test_nn_with_the_projection_folded_in_gives_the_projected_output():
+    # the temporal PCA's projection folded into the net's last layer: the same features as
+    # projecting the net's output, for the two-conv net and for a net it cannot fold into
+    from dartsort_si.denoisers import Resampled, shipped_single_channel_denoiser
+    from dartsort_si.subtraction import ProjectedNN
+
+    gen = torch.Generator().manual_seed(0)
+    components = torch.linalg.qr(torch.randn(121, 8, generator=gen))[0].T  # (8, 121) orthonormal
+    rows = 3 * torch.randn(50, 121, generator=gen)
+    for model in (shipped_single_channel_denoiser().eval(), Resampled(shipped_single_channel_denoiser().eval(), 121)):
+        folded = ProjectedNN(model, components)
+        assert (folded.folded is not None) == (not isinstance(model, Resampled))
+        with torch.no_grad():
+            want = model(rows) @ components.T
+            assert torch.allclose(folded(rows), want, atol=1e-4 * float(want.abs().max()))
