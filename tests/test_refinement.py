@@ -493,3 +493,26 @@ def test_mixture_splits_colocated_units_of_equal_amplitude_without_refractory_ev
                          times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 1
     assert _purity(out, truth) > 0.95
+
+
+def test_a_piece_at_both_extremes_of_the_drift_joins_the_piece_between_them():
+    """NP1 drifting seed 1, GT 35 (SNR 7): one cluster held the unit's spikes at -12..2 um of
+    displacement, the other those at the two extremes (-15..-13 and 10..15 um). The second's
+    10-90% range spans the first, which a range test read as two neurons firing together; their
+    displacement histograms barely overlap. A neuron at the same place firing at every
+    displacement (cluster 2) stays apart."""
+    rng = np.random.default_rng(3)
+    n = 200
+    middle = rng.uniform(-12, 2, n)
+    extremes = np.where(rng.random(n) < 0.4, rng.uniform(-15, -13, n), rng.uniform(10, 15, n))
+    drift = np.concatenate([middle, extremes, rng.uniform(-15, 15, n)])
+    labels = np.repeat(np.arange(3), n)
+    x = 27.0 + rng.normal(0, 2, 3 * n)
+    z = 230.0 + rng.normal(0, 2, 3 * n)
+    amps = np.where(labels == 2, 20.0, 11.0) * rng.uniform(0.9, 1.1, 3 * n)
+    # the probe moves steadily from -15 to 15 um: each displacement has its time
+    times = ((drift + 15.0) / 30.0 * (REFRACTORY[2] - 1)).astype(np.int64)
+    order = np.argsort(times, kind="stable")
+    labels, x, z, drift, amps, times = (v[order] for v in (labels, x, z, drift, amps, times))
+    units = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
+    assert units[0] == units[1] != units[2]
