@@ -158,6 +158,8 @@ class Denoiser:
     def _nn_flat(self, snippets, mask, memo=None, keys=None):
         """Temporal-PCA features (n_valid, rank) of the NN's output on the real channels' rows."""
         flat = snippets.permute(0, 2, 1)[mask]  # (n_valid, L)
+        if not len(flat):
+            return flat.new_zeros((0, self.tpca.rank))
         if memo is None:
             return apply_nn(self.nn_features, flat)
         return memo.apply(lambda x: apply_nn(self.nn_features, x), flat, keys[mask])
