@@ -548,8 +548,9 @@ def _facing(drift, other, percent=DRIFT_PIECE_EDGE_PERCENT):
     `percent`%): its top edge facing a piece above it, or both ends facing a piece at both
     extremes of the drift."""
     s = np.sort(other)
-    i = np.clip(np.searchsorted(s, drift), 1, max(len(s) - 1, 1))
-    dist = np.minimum(np.abs(s[np.minimum(i, len(s) - 1)] - drift), np.abs(s[i - 1] - drift))
+    i = np.searchsorted(s, drift)
+    above, below = s[np.minimum(i, len(s) - 1)], s[np.maximum(i - 1, 0)]
+    dist = np.minimum(np.abs(above - drift), np.abs(below - drift))
     return dist <= np.percentile(dist, percent)
 
 

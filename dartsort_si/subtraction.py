@@ -158,8 +158,6 @@ class Denoiser:
     def _nn_flat(self, snippets, mask, memo=None, keys=None):
         """Temporal-PCA features (n_valid, rank) of the NN's output on the real channels' rows."""
         flat = snippets.permute(0, 2, 1)[mask]  # (n_valid, L)
-        if not len(flat):
-            return flat.new_zeros((0, self.tpca.rank))
         if memo is None:
             return apply_nn(self.nn_features, flat)
         return memo.apply(lambda x: apply_nn(self.nn_features, x), flat, keys[mask])
@@ -206,9 +204,9 @@ class ProjectedNN(torch.nn.Module):
 def apply_nn(model, flat, batch=4096):
     """The NN denoiser on single-channel rows (n, L), in batches, no gradients."""
     denoise = getattr(model, "denoise", None) or model
-    if not len(flat):
-        return flat
     with torch.no_grad():
+        if not len(flat):  # as wide as the model's output, which need not be the input's
+            return _batch_invariant(denoise, flat.new_zeros((1, flat.shape[1])))[:0]
         return torch.cat([_batch_invariant(denoise, flat[i: i + batch]) for i in range(0, len(flat), batch)])
 
 

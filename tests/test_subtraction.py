@@ -210,7 +210,7 @@ def test_nn_with_the_projection_folded_in_gives_the_projected_output():
     # the temporal PCA's projection folded into the net's last layer: the same features as
     # projecting the net's output, for the two-conv net and for a net it cannot fold into
     from dartsort_si.denoisers import Resampled, shipped_single_channel_denoiser
-    from dartsort_si.subtraction import ProjectedNN
+    from dartsort_si.subtraction import ProjectedNN, apply_nn
 
     gen = torch.Generator().manual_seed(0)
     components = torch.linalg.qr(torch.randn(121, 8, generator=gen))[0].T  # (8, 121) orthonormal
@@ -221,3 +221,5 @@ def test_nn_with_the_projection_folded_in_gives_the_projected_output():
         with torch.no_grad():
             want = model(rows) @ components.T
             assert torch.allclose(folded(rows), want, atol=1e-4 * float(want.abs().max()))
+        # an empty batch comes back as wide as the features (a recording without units peels nothing)
+        assert apply_nn(folded, rows[:0]).shape == (0, 8)
