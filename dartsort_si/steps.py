@@ -463,7 +463,10 @@ def unit_templates(ctx, sorting, motion_info, name) -> Templates:
                                    depths_um=sorting.point_source_localizations[:, 2], n_before=w.n_before,
                                    n_after=w.n_after, job_kwargs=ctx.job_kwargs)
         temps = temps.without_noise_channels(motion_info.rgeom, ctx.cfg.subtraction_radius_um)
-        temps = refinement.merge_templates(temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)
+        labels = _template_labels(sorting)
+        times = [sorting.times_samples[labels == u] for u in temps.unit_ids]
+        temps = refinement.merge_templates(temps, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary,
+                                           times=times, refractory=_refractory(ctx))
         temps = temps.subset((temps.counts >= MIN_UNIT_SPIKES) & (temps.ptp() > 0))
         temps.save(path)
     return temps
