@@ -28,7 +28,7 @@ spike_dtype = np.dtype([
 
 leftover_dtype = np.dtype([
     ("sample_index", "int64"), ("channel_index", "int64"), ("amplitude", "float32"),
-    ("x", "float32"), ("z", "float32"),
+    ("x", "float32"), ("z", "float32"), ("score", "float32"),
 ])
 
 SVD_RANK = 5
@@ -204,6 +204,7 @@ class TemplateMatcher(PeakDetector):
         out["channel_index"] = c.cpu().numpy()
         out["amplitude"] = torch.nan_to_num(amps, nan=0.0).amax(1).cpu().numpy() if len(t) else 0.0
         out["x"], out["z"] = locs[:, 0], locs[:, 2]
+        out["score"] = score[t, c].abs().cpu().numpy()
         return out
 
     def localize(self, residual, temps, times, units, scales, ups, chans):

@@ -500,6 +500,7 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
             unit_of = _unit_of_template(sorting)
             units = np.array([unit_of.get(int(t), int(t)) for t in temps.unit_ids])
             spikes, locs = _without_echoes(ctx, spikes, locs, temps, units)
+            spikes, locs = _without_tiny_units(spikes, locs, units)
             features = dict(point_source_localizations=locs, scales=spikes["scale"],
                             denoised_ptp_amplitudes=spikes["amplitude"],
                             upsampling_indices=spikes["upsample_index"].astype(np.int64))
@@ -547,6 +548,20 @@ def _without_echoes(ctx, spikes, locs, temps, units):
     if echo.any():
         logger.info("dartsort: %d matched spikes were echoes of bigger units; dropped", echo.sum())
     return spikes[~echo], locs[~echo]
+
+
+def _without_tiny_units(spikes, locs, units):
+    """Matched spikes less those of output units that matched under MIN_UNIT_SPIKES: a cluster's
+    template that explains (almost) none of the recording is no neuron (300 s x 128 ch drifting:
+    four units of 1-4 spikes, none a true unit's)."""
+    of_spike = units[spikes["unit_index"]]
+    ids, counts = np.unique(of_spike, return_counts=True)
+    tiny = ids[counts < MIN_UNIT_SPIKES]
+    if len(tiny):
+        logger.info("dartsort: %d units matched under %d spikes; dropped with their %d spikes", len(tiny),
+                    MIN_UNIT_SPIKES, counts[counts < MIN_UNIT_SPIKES].sum())
+    keep = ~np.isin(of_spike, tiny)
+    return spikes[keep], locs[keep]
 
 
 def _rematch_is_sane(before, after, n_old, new_counts):
@@ -608,6 +623,11 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id) -> 
     new = estimate_templates(ctx.rec, leftovers["sample_index"], labels, motion_info,
                              depths_um=leftovers["z"], n_before=w.n_before, n_after=w.n_after,
                              job_kwargs=ctx.job_kwargs)
+    # kept for crossing a threshold, the events average bigger than their unit
+    factors = [refinement.selection_bias_factor(leftovers["score"][labels == u], LEFTOVER_THRESHOLD)
+               for u in new.unit_ids]
+    new = Templates(new.data * np.asarray(factors, np.float32)[:, None, None], new.unit_ids, new.counts,
+                    new.n_before)
     new = new.without_noise_channels(motion_info.rgeom, ctx.cfg.subtraction_radius_um)
     new = new.subset((new.counts >= MIN_UNIT_SPIKES) & (new.ptp() > 0))
     new = refinement.drop_known(new, temps, motion_info.rgeom, amplitude_boundary=ctx.cfg.amplitude_scaling_boundary)

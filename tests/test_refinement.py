@@ -16,6 +16,7 @@ from dartsort_si.refinement import (
     drop_known,
     drop_time_locked,
     merge_templates,
+    selection_bias_factor,
     shift_operators,
     split_units,
 )
@@ -373,6 +374,31 @@ def test_two_units_are_not_chained_together_through_a_small_cluster_between_them
     merged = merge_templates(chain, amplitude_boundary=BOUND)
     assert merged.n_units == 2
     assert merged.counts.tolist() == [330, 300]
+
+
+def test_alike_templates_of_units_that_break_each_others_refractory_period_stay_apart():
+    # under drift the registered templates of two co-located neurons come out alike; their
+    # spike trains say they are two: pairs 0.5-2 ms apart, which one neuron cannot fire
+    rng = np.random.default_rng(5)
+    pair = _templates([_template(12.0, rng, 0.05), _template(12.0, rng, 0.05)])
+    a = np.sort(rng.choice(np.arange(0, 1_800_000, 100), 400, replace=False))
+    b = np.sort(rng.choice(np.arange(50, 1_800_000, 100), 400, replace=False))  # 50 samples after a's grid
+    refractory = (15, 60, 1_800_000)
+    assert merge_templates(pair, amplitude_boundary=BOUND).n_units == 1
+    assert merge_templates(pair, amplitude_boundary=BOUND, times=[a, b], refractory=refractory).n_units == 2
+    # one neuron split in two: no spike of one falls 0.5-2 ms from a spike of the other
+    one = np.sort(rng.choice(np.arange(0, 1_800_000, 100), 800, replace=False))
+    halves = [one[::2], one[1::2]]
+    assert merge_templates(pair, amplitude_boundary=BOUND, times=halves, refractory=refractory).n_units == 1
+
+
+@pytest.mark.parametrize("true_mean", [3.0, 4.5, 6.0, 9.0])
+def test_selection_bias_factor_recovers_the_mean_of_events_cut_at_the_threshold(true_mean):
+    scores = np.random.default_rng(6).normal(true_mean, 1.0, 200_000)
+    kept = scores[scores > 5.0]
+    factor = selection_bias_factor(kept, 5.0, lowest=0.3)
+    assert factor * kept.mean() == pytest.approx(true_mean, abs=0.1)
+    assert factor <= 1.0
 
 
 def test_leftover_events_form_a_new_unit():
