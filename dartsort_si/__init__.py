@@ -20,7 +20,7 @@ from .config import DARTsortUserConfig, default_dartsort_cfg  # noqa: E402
 from .motion_info import MotionInfo  # noqa: E402
 from .sorting import DARTsortSorting  # noqa: E402
 from .pipeline import DARTsortReturn, dartsort  # noqa: E402
-from .sorter import DARTsortSorter, register  # noqa: E402
+from .sorter import SORTER_NAME, DARTsortSorter, register  # noqa: E402
 
 register()
 from .components import register as _register_components  # noqa: E402
@@ -28,4 +28,4 @@ from .components import register as _register_components  # noqa: E402
 _register_components()
 
 __all__ = ["dartsort", "DARTsortUserConfig", "DARTsortSorting", "MotionInfo", "DARTsortReturn",
-           "DARTsortSorter", "default_dartsort_cfg", "to_sorting_analyzer"]
+           "DARTsortSorter", "SORTER_NAME", "default_dartsort_cfg", "to_sorting_analyzer"]

@@ -165,3 +165,26 @@ def register():
         lst[lst.index(old)] = DARTsortSorter
     elif DARTsortSorter not in lst:
         lst.append(DARTsortSorter)
+
+
+class SorterName(str):
+    """The name "dartsort" that registers the sorter in any process that unpickles it.
+
+    run_sorter_jobs' process engines (joblib's default loky workers, processpoolexecutor with
+    spawn, dask) run each job in a fresh interpreter that never ran `import dartsort_si`, so
+    SpikeInterface there does not know "dartsort"; and forking a process after torch has run can
+    hang it. Passed as a job's sorter_name, this string imports dartsort_si where the job is
+    unpickled, which registers the sorter before run_sorter looks the name up."""
+
+    def __reduce__(self):
+        return _registered_name, (str(self),)
+
+
+def _registered_name(name):
+    import importlib
+
+    importlib.import_module("dartsort_si")  # registers the sorter and the components
+    return SorterName(name)
+
+
+SORTER_NAME = SorterName("dartsort")

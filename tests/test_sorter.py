@@ -8,7 +8,7 @@ import pytest
 import spikeinterface.full as si
 
 import dartsort_si
-from dartsort_si import DARTsortSorter, DARTsortUserConfig, dartsort
+from dartsort_si import SORTER_NAME, DARTsortSorter, DARTsortUserConfig, dartsort
 from dartsort_si.pipeline import MARKER, prepare_output_dir
 
 from conftest import FAST_PARAMS
@@ -192,18 +192,38 @@ def test_changed_settings_need_overwrite(tmp_path):
     assert json.loads((out / MARKER).read_text())["config"]["voltage_threshold"] == 4.0
 
 
-def test_run_sorter_jobs(tmp_path):
-    # several recordings through SpikeInterface's job runner, as a lab sorts a batch of sessions.
-    # Only engine="loop" is tested: joblib's default (loky) workers are fresh interpreters that never
-    # import dartsort_si, and forked workers hung after torch had run in the parent (full suite)
+@pytest.fixture(scope="module")
+def two_saved_recordings(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch")
     recs = []
     for seed in (0, 1):
         rec, _ = si.generate_ground_truth_recording(durations=[4.0], num_channels=16, num_units=3, seed=seed)
-        recs.append(rec.save(folder=tmp_path / f"rec{seed}", n_jobs=1, progress_bar=False))
-    jobs = [dict(sorter_name="dartsort", recording=rec, folder=tmp_path / f"sort{i}", verbose=False,
+        recs.append(rec.save(folder=folder / f"rec{seed}", n_jobs=1, progress_bar=False))
+    return recs
+
+
+def _jobs(recs, sorter_name, folder):
+    return [dict(sorter_name=sorter_name, recording=rec, folder=folder / f"sort{i}", verbose=False,
                  nn_denoiser_class_name="SingleChannelWaveformDenoiser", preprocessing="standardize")
             for i, rec in enumerate(recs)]
-    sortings = si.run_sorter_jobs(jobs, engine="loop", return_output=True)
+
+
+def test_run_sorter_jobs(two_saved_recordings, tmp_path):
+    # several recordings through SpikeInterface's job runner, as a lab sorts a batch of sessions
+    sortings = si.run_sorter_jobs(_jobs(two_saved_recordings, "dartsort", tmp_path), engine="loop",
+                                  return_output=True)
+    assert len(sortings) == 2 and all(s.get_num_units() > 0 for s in sortings)
+    assert all((tmp_path / f"sort{i}" / "sorter_output" / "final_sorting").exists() for i in range(2))
+
+
+def test_run_sorter_jobs_with_joblib_workers(two_saved_recordings, tmp_path):
+    # joblib's loky workers are fresh interpreters: the plain name "dartsort" is unknown there,
+    # dartsort_si.SORTER_NAME registers the sorter where the job is unpickled
+    import pickle
+
+    assert pickle.loads(pickle.dumps(SORTER_NAME)) == "dartsort"
+    jobs = _jobs(two_saved_recordings, SORTER_NAME, tmp_path)
+    sortings = si.run_sorter_jobs(jobs, engine="joblib", engine_kwargs=dict(n_jobs=2), return_output=True)
     assert len(sortings) == 2 and all(s.get_num_units() > 0 for s in sortings)
     assert all((tmp_path / f"sort{i}" / "sorter_output" / "final_sorting").exists() for i in range(2))
 
