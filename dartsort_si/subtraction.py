@@ -28,6 +28,11 @@ MAX_PEEL_ITERATIONS = 50
 CHANNEL_GATE = 2.0
 PREFILTER_FRACTION = 0.5
 MIN_NN_BATCH = 4
+# rows per NN call. On one thread the net took 4.2 us per row in batches of 256-512 against
+# 14.7 us in batches of 4096 (its activations then outgrow the cache); NP2 drifting seed 4's
+# subtraction (60 s x 128 ch, 2 workers): 32.8 s with 4096, 26.1 s with 512, 25.7 s with 256,
+# the same spikes (a row's output does not depend on its batch, see _batch_invariant)
+NN_BATCH = 256
 
 
 @dataclass
@@ -201,7 +206,7 @@ class ProjectedNN(torch.nn.Module):
         return self.folded(h.flatten(1))
 
 
-def apply_nn(model, flat, batch=4096):
+def apply_nn(model, flat, batch=NN_BATCH):
     """The NN denoiser on single-channel rows (n, L), in batches, no gradients."""
     denoise = getattr(model, "denoise", None) or model
     with torch.no_grad():
