@@ -442,10 +442,14 @@ class SubtractionPeeler(PeakDetector):
                 # only near what we just subtracted can the residual hold something new
                 near = _near(t, c, *last, g.conflicts, w.length)
                 t, c = t[near], c[near]
-            t, c = self.prefilter(residual, t, c)
             if not len(t):
                 break
-            snips = wf.cut(residual, t, c, g.subtraction_index, offsets)
+            # one channel-major copy per round serves both cuts (see wf.cut_channel_major)
+            by_channel = residual.T.contiguous()
+            t, c = self.prefilter(by_channel, t, c)
+            if not len(t):
+                break
+            snips = wf.cut_channel_major(by_channel, t, c, g.subtraction_index, offsets)
             mask = wf.neighbour_mask(g.subtraction_index, c)
             keys = memo.keys_of(t, g.subtraction_index[c])
             feats, decrease = self.denoiser.features(snips, mask, min_decrease=self.accept, memo=memo, keys=keys)
@@ -496,12 +500,13 @@ class SubtractionPeeler(PeakDetector):
         rolled = torch.gather(waves, 1, idx.clamp(0, waves.shape[1] - 1)[:, :, None].expand_as(waves))
         return times + shift, rolled * ok[:, :, None]
 
-    def prefilter(self, residual, t, c):
+    def prefilter(self, by_channel, t, c):
         """Drop candidates whose cheap projection on the few channels around the peak
         explains under PREFILTER_FRACTION of the acceptance threshold: most threshold
-        crossings are noise, and the full neighbourhood costs ~5x more to look at."""
+        crossings are noise, and the full neighbourhood costs ~5x more to look at.
+        by_channel: the residual laid out (C, T)."""
         g = self.geometry
-        snips = wf.cut(residual, t, c, g.dedup_index, self.window.offsets(self.device))
+        snips = wf.cut_channel_major(by_channel, t, c, g.dedup_index, self.window.offsets(self.device))
         keep = self.denoiser.cheap_decrease(snips, wf.neighbour_mask(g.dedup_index, c)) > PREFILTER_FRACTION * self.accept
         return t[keep], c[keep]
 

@@ -66,6 +66,19 @@ def cut(traces: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,
     return out * (cols < n_chans)[:, None, :]
 
 
+def cut_channel_major(traces_ct: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,
+                      channel_index: torch.Tensor, offsets: torch.Tensor):
+    """cut() from traces laid out (C, T), for offsets that are consecutive samples: each
+    snippet channel is then one contiguous run of memory, where cut() on (T, C) gathers every
+    sample from another row (prefilter and peel's cuts: 23% of subtraction, py-spy). Returns the
+    (n, L, K) transpose of a contiguous (n, K, L)."""
+    n_chans = traces_ct.shape[0]
+    cols = channel_index[chans]
+    windows = traces_ct.unfold(1, len(offsets), 1)  # (C, T - L + 1, L), a view
+    out = windows[cols.clamp(max=n_chans - 1), (times + offsets[0])[:, None]]  # (n, K, L)
+    return (out * (cols < n_chans)[:, :, None]).transpose(1, 2)
+
+
 def add(traces: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,
         channel_index: torch.Tensor, offsets: torch.Tensor, snippets: torch.Tensor):
     """In place: traces[times+offsets, channel_index[chans]] += snippets (padding dropped)."""

@@ -223,3 +223,19 @@ def test_nn_with_the_projection_folded_in_gives_the_projected_output():
             assert torch.allclose(folded(rows), want, atol=1e-4 * float(want.abs().max()))
         # an empty batch comes back as wide as the features (a recording without units peels nothing)
         assert apply_nn(folded, rows[:0]).shape == (0, 8)
+
+
+def test_cut_from_channel_major_traces_equals_cut():
+    from dartsort_si.channels import make_channel_index
+
+    rng = np.random.default_rng(0)
+    geom = np.array([[0.0, 20.0 * i] for i in range(12)])
+    index = torch.as_tensor(make_channel_index(geom, 45.0))  # padded rows at the probe's ends
+    traces = torch.as_tensor(rng.standard_normal((500, 12)), dtype=torch.float32)
+    times = torch.as_tensor([30, 31, 250, 400])
+    chans = torch.as_tensor([0, 5, 11, 6])
+    offsets = torch.arange(-20, 40)
+    expected = wf.cut(traces, times, chans, index, offsets)
+    got = wf.cut_channel_major(traces.T.contiguous(), times, chans, index, offsets)
+    assert got.shape == expected.shape == (4, 60, index.shape[1])
+    assert torch.equal(got, expected)
