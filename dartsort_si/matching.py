@@ -362,9 +362,9 @@ def subtract_waveforms(residual: torch.Tensor, waves: torch.Tensor, starts: torc
     if not inside.all():
         waves = waves * inside[:, :, None]
         rows = rows.clamp(0, len(residual) - 1)
-    cols = torch.arange(n_chans, device=residual.device).expand(n, length, -1)
-    residual.index_put_((rows[:, :, None].expand(-1, -1, n_chans).reshape(-1), cols.reshape(-1)),
-                        -waves.reshape(-1), accumulate=True)
+    # whole rows at once: index_put_ with an index per sample and channel took 10x longer
+    # (5.5 against 0.5 ms for 60 spikes of 121 x 128 samples on one thread)
+    residual.index_add_(0, rows.reshape(-1), waves.reshape(-1, n_chans), alpha=-1)
     return rows
 
 
