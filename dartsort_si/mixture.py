@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from .clustering import renumber
 from .refinement import (DRIFT_PIECE_RADIUS_UM, MAX_SPIKES, SEPARATED_DPRIME, _centres, _refractory_breach, _sample,
-                         peak_amplitudes, separation)
+                         apart_in_place, peak_amplitudes, separation)
 
 logger = logging.getLogger("dartsort_si")
 
@@ -186,7 +186,8 @@ class GroupFit:
         if _refractory_breach(self.times[a], self.times[b], self.refractory):
             return True, False
         fits, moved = self.one_scale(a, b), self.at_different_displacements(a, b)
-        apart = separation(self.raw[a], self.raw[b]) >= SEPARATED_DPRIME
+        apart = separation(self.raw[a], self.raw[b]) >= SEPARATED_DPRIME or \
+            apart_in_place(self.positions[a], self.positions[b])
         return (not fits or apart) and not moved, fits and moved and self.one_place(a, b)
 
     def one_place(self, a, b):

@@ -76,6 +76,15 @@ MIN_SPLIT_SIZE = 25
 # 12 on the same channels, 1.2x apart in amplitude, were one cluster); pieces of one unit at
 # displacements 10-20 um apart reached 18.8, which the displacement test leaves to drift_piece_units
 SEPARATED_DPRIME = 10.0
+# pieces that fire over the same displacements from places this far apart (medians, um, and d' of
+# the spikes' registered x, z) are two neurons whatever their waveforms (apart_in_place). On the
+# 356 pairs of split pieces of the 15 held-out cases (60 s x 128 ch), pieces of one unit at the
+# same displacements lay 0-12.8 um apart with d' 0-2.84 but never both >= 4.9 um and >= 2.0;
+# pieces of two units with d' >= 2 lay 7.7-24 um apart. NP1 drifting seed 1: GT 4 and 38 (SNR
+# 2.9 and 2.8, 21 um apart, feature d' 4.9, amplitudes 1.07x apart) were one unit under drift,
+# two in the static twin; their pieces were 14 um and d' 2.8 apart.
+SEPARATED_PLACE_UM = 6.0
+SEPARATED_PLACE_DPRIME = 2.0
 # drift pieces (see drift_piece_units): clusters whose centres are this close, whose spikes'
 # displacements barely overlap (DRIFT_PIECE_SHARED below; medians >= 5 um apart) and whose
 # amplitudes where they meet (the 20% of each piece's spikes closest in displacement to the
@@ -225,7 +234,8 @@ def split_units(labels, x, z_reg, reg_features: RegisteredFeatures, *, times, am
             sub = _split_once(feats, min_size, n_pcs, None, 0.75) if len(sample) >= 2 * min_size else None
             if sub is not None:
                 sub = _rejoin_one_neuron(feats, times[sample], reg_features.drift[sample], sub, amplitude_boundary,
-                                         reg_features.components, refractory)
+                                         reg_features.components, refractory,
+                                         np.stack([x[sample], z_reg[sample]], 1))
             if sub is None or sub.max() == 0:
                 out[members] = next_id
                 next_id += 1
@@ -268,13 +278,20 @@ def separation(feats_a, feats_b) -> float:
     return float((pa.mean() - pb.mean()) / max(np.sqrt(0.5 * (pa.var() + pb.var())), 1e-9))
 
 
+def apart_in_place(positions_a, positions_b) -> bool:
+    """Whether two groups of spikes come from two places: (n, 2) registered x, z of each spike,
+    medians SEPARATED_PLACE_UM apart and SEPARATED_PLACE_DPRIME pooled sds apart."""
+    gap = float(np.linalg.norm(np.median(positions_a, 0) - np.median(positions_b, 0)))
+    return gap >= SEPARATED_PLACE_UM and separation(positions_a, positions_b) >= SEPARATED_PLACE_DPRIME
+
+
 def coexisting(drift_a, drift_b) -> bool:
     """Whether two groups of spikes fire over the same displacements of the probe (the
     opposite of drift pieces, see _drift_piece_mismatch)."""
     return max(_inside(drift_a, drift_b), _inside(drift_b, drift_a)) > DRIFT_PIECE_OVERLAP
 
 
-def _two_neurons(a, b, feats, times, drift, boundary, components, refractory):
+def _two_neurons(a, b, feats, times, drift, boundary, components, refractory, positions):
     """Whether groups a and b (indices into feats, times, drift) of a split are two neurons.
 
     Either their peak amplitudes differ by more than a factor 1 + boundary (the
@@ -285,17 +302,20 @@ def _two_neurons(a, b, feats, times, drift, boundary, components, refractory):
     2-6 such pairs at 0.65-1.3x the chance count; 37 of 40 pairs of pieces of one
     unit had none. Relative waveform distances did not separate them (0.43-0.67 between
     units, up to 0.86 between pieces of one unit misaligned or sampled at
-    another phase). Or they fire over the same displacements and are SEPARATED_DPRIME apart.
+    another phase). Or they fire over the same displacements and are SEPARATED_DPRIME apart,
+    or come from two places (apart_in_place; positions: (n, 2) registered x, z).
     """
     peak_a, peak_b = (peak_amplitudes(feats[g].mean(0), components) for g in (a, b))
     if max(peak_a, peak_b) > (1 + boundary) * min(peak_a, peak_b):
         return True
     if _refractory_breach(times[a], times[b], refractory):
         return True
-    return coexisting(drift[a], drift[b]) and separation(feats[a], feats[b]) >= SEPARATED_DPRIME
+    if not coexisting(drift[a], drift[b]):
+        return False
+    return separation(feats[a], feats[b]) >= SEPARATED_DPRIME or apart_in_place(positions[a], positions[b])
 
 
-def _rejoin_one_neuron(feats, times, drift, sub, boundary, components, refractory):
+def _rejoin_one_neuron(feats, times, drift, sub, boundary, components, refractory, positions):
     """Pieces of one split that are not two neurons (_two_neurons) are joined again, the
     closest pair (separation) first, as groups; returns piece labels 0..K-1 (K = 1: no split).
     Pair by pair, any piece of one neuron could chain two neurons together: a piece of one
@@ -304,7 +324,7 @@ def _rejoin_one_neuron(feats, times, drift, sub, boundary, components, refractor
     while len(groups) > 1:
         pairs = [(separation(feats[a], feats[b]), i, j) for i, a in enumerate(groups)
                  for j, b in enumerate(groups[i + 1:], i + 1)
-                 if not _two_neurons(a, b, feats, times, drift, boundary, components, refractory)]
+                 if not _two_neurons(a, b, feats, times, drift, boundary, components, refractory, positions)]
         if not pairs:
             break
         _, i, j = min(pairs)

@@ -542,3 +542,26 @@ def test_a_piece_at_both_extremes_of_the_drift_joins_the_piece_between_them():
     labels, x, z, drift, amps, times = (v[order] for v in (labels, x, z, drift, amps, times))
     units = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
     assert units[0] == units[1] != units[2]
+
+
+@pytest.mark.parametrize("refine", [split_units, mixture.refine], ids=["split", "mixture"])
+def test_small_neighbours_at_two_places_stay_two_units(refine):
+    """NP1 drifting seed 1, GT 4 and 38: two SNR-3 units 21 um apart, same waveform and
+    amplitude, firing over the same displacements; their features alone were 4.9 d' apart, under
+    SEPARATED_DPRIME, and one spike train gives no refractory evidence. Where the spikes come from
+    (registered x, z, 14 um and 2.8 sd apart there) tells the two neurons apart."""
+    rng = np.random.default_rng(8)
+    geom = np1_geom()
+    pos_a, pos_b = np.array([11.0, 230.0]), np.array([27.0, 244.0])
+    drifts = [rng.uniform(-10, 10, 300), rng.uniform(-10, 10, 300)]
+    a = unit_spikes(rng, geom, pos_a, 30.0, 6.0, 2.0, drifts[0])
+    b = unit_spikes(rng, geom, pos_b, 30.0, 6.0, 2.0, drifts[1])
+    rf = registered(geom, [a, b], drifts, a[3], a[2])
+    truth = np.repeat([0, 1], 300)
+    # point-source positions of small spikes: a few um of scatter around each unit
+    xz = np.concatenate([pos_a + rng.normal(0, 6.0, (300, 2)), pos_b + rng.normal(0, 6.0, (300, 2))])
+    times = spike_times(rng, 600, REFRACTORY[2])[rng.permutation(600)]
+    labels = np.zeros(600, dtype=np.int64)
+    out = refine(labels, xz[:, 0], xz[:, 1], rf, times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
+    assert out.max() == 1
+    assert _purity(out, truth) > 0.9
