@@ -219,3 +219,22 @@ def test_only_old_units_that_could_take_a_new_units_spikes_are_matched_again():
     take = could_take_spikes(old, b[None], threshold=64.0, boundary=1 / 3)
     # A is 4x B: fitted to a B spike it removes more than B holds; a B-like unit can; a far one cannot
     assert take.tolist() == [False, True, False]
+
+
+def test_units_that_match_almost_nothing_are_dropped_with_their_spikes():
+    # 300 s x 128 ch: four clusters' templates matched 1-4 spikes each over the recording
+    from dartsort_si.matching import spike_dtype
+    from dartsort_si.steps import MIN_UNIT_SPIKES, _without_tiny_units
+
+    spikes = np.zeros(MIN_UNIT_SPIKES + 3 + MIN_UNIT_SPIKES, dtype=spike_dtype)
+    spikes["unit_index"] = [0] * MIN_UNIT_SPIKES + [1] * 3 + [2] * MIN_UNIT_SPIKES
+    locs = np.arange(len(spikes), dtype=np.float32)[:, None]
+    units = np.array([7, 8, 7])  # templates 0 and 2 are pieces of output unit 7: 40 spikes
+    kept, kept_locs = _without_tiny_units(spikes, locs, units)
+    assert sorted(set(kept["unit_index"])) == [0, 2]
+    assert len(kept) == 2 * MIN_UNIT_SPIKES and len(kept_locs) == len(kept)
+    # a unit whose templates each match few spikes but together enough is kept
+    spikes["unit_index"] = [0] * (MIN_UNIT_SPIKES + 3) + [2] * MIN_UNIT_SPIKES
+    spikes["unit_index"][:12] = 2
+    kept, _ = _without_tiny_units(spikes, locs, np.array([7, 8, 7]))
+    assert len(kept) == len(spikes)
