@@ -67,9 +67,12 @@ class SingleChannelWaveformDenoiser(nn.Module):
         self.out = nn.Linear(self.n_filters[1] * conv_out_len, self.spike_length_samples)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutions' output, flattened: what the last linear layer reads (B, F)."""
         h = F.relu(self.conv1(x[:, None, :]))
-        h = F.relu(self.conv2(h))
-        return self.out(h.flatten(1))
+        return F.relu(self.conv2(h)).flatten(1)
 
     def init_kwargs(self) -> dict:
         return dict(

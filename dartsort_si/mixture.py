@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from .clustering import renumber
 from .refinement import (DRIFT_PIECE_RADIUS_UM, MAX_SPIKES, SEPARATED_DPRIME, _centres, _refractory_breach, _sample,
-                         apart_in_place, peak_amplitudes, separation)
+                         apart_in_place, peak_amplitudes, place_gap, separation)
 
 logger = logging.getLogger("dartsort_si")
 
@@ -191,8 +191,7 @@ class GroupFit:
         return (not fits or apart) and not moved, fits and moved and self.one_place(a, b)
 
     def one_place(self, a, b):
-        centre_a, centre_b = np.median(self.positions[a], 0), np.median(self.positions[b], 0)
-        return float(np.linalg.norm(centre_a - centre_b)) <= DRIFT_PIECE_RADIUS_UM
+        return place_gap(self.positions[a], self.positions[b]) <= DRIFT_PIECE_RADIUS_UM
 
     def one_scale(self, a, b):
         """Peak amplitudes within matching's scale bound: one template can fit both."""

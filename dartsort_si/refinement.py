@@ -30,6 +30,7 @@ import logging
 import numpy as np
 import torch
 from scipy.spatial.distance import cdist
+from scipy.special import log_ndtr
 from threadpoolctl import threadpool_limits
 
 from .clustering import _split_once, cluster_spikes, drop_echo_clusters, echo_gaps, echo_mask
@@ -278,11 +279,16 @@ def separation(feats_a, feats_b) -> float:
     return float((pa.mean() - pb.mean()) / max(np.sqrt(0.5 * (pa.var() + pb.var())), 1e-9))
 
 
+def place_gap(positions_a, positions_b) -> float:
+    """Distance (um) between the medians of two groups' (n, 2) registered x, z positions."""
+    return float(np.linalg.norm(np.median(positions_a, 0) - np.median(positions_b, 0)))
+
+
 def apart_in_place(positions_a, positions_b) -> bool:
     """Whether two groups of spikes come from two places: (n, 2) registered x, z of each spike,
     medians SEPARATED_PLACE_UM apart and SEPARATED_PLACE_DPRIME pooled sds apart."""
-    gap = float(np.linalg.norm(np.median(positions_a, 0) - np.median(positions_b, 0)))
-    return gap >= SEPARATED_PLACE_UM and separation(positions_a, positions_b) >= SEPARATED_PLACE_DPRIME
+    return place_gap(positions_a, positions_b) >= SEPARATED_PLACE_UM and \
+        separation(positions_a, positions_b) >= SEPARATED_PLACE_DPRIME
 
 
 def coexisting(drift_a, drift_b) -> bool:
@@ -469,16 +475,9 @@ def selection_bias_factor(scores, threshold, lowest=0.5) -> float:
     for _ in range(60):  # E[s | s > threshold] grows with the mean: bisection
         mu = 0.5 * (lo + hi)
         a = threshold - mu
-        mills = np.exp(-0.5 * a * a - _log_normal_tail(a)) / np.sqrt(2 * np.pi)
+        mills = np.exp(-0.5 * a * a - log_ndtr(-a)) / np.sqrt(2 * np.pi)  # stable for large a
         lo, hi = (mu, hi) if mu + mills < observed else (lo, mu)
     return float(np.clip(0.5 * (lo + hi) / observed, lowest, 1.0))
-
-
-def _log_normal_tail(a):
-    """log P(N(0, 1) > a), stable for large a."""
-    from scipy.special import log_ndtr
-
-    return float(log_ndtr(-a))
 
 
 def drop_time_locked(labels, times, spike_times, spike_units, *, window, duration, min_lag):

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.spatial.distance import cdist
 from spikeinterface.core.node_pipeline import PeakDetector, PipelineNode, base_peak_dtype
 
@@ -201,9 +200,7 @@ class ProjectedNN(torch.nn.Module):
     def forward(self, x):
         if self.folded is None:
             return self.model(x) @ self.components.T
-        h = F.relu(self.model.conv1(x[:, None, :]))
-        h = F.relu(self.model.conv2(h))
-        return self.folded(h.flatten(1))
+        return self.folded(self.model.hidden(x))
 
 
 def apply_nn(model, flat, batch=NN_BATCH):
