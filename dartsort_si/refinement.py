@@ -575,6 +575,40 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
     return units
 
 
+def pieces_of_known_units(labels, units, first_new, x, z_reg, drift_um, amplitudes, *, times, refractory):
+    """Output unit per template (units, indexed by template, updated): a template from first_new
+    on (a unit found among matching's leftovers) whose spikes are a drift piece of one known
+    output unit (drift_piece_units' tests, against all that unit's spikes) joins the one it
+    meets at the closest amplitude.
+
+    What the known unit's templates fit badly at displacements where it fired little in the
+    subtraction's detections is left over, and clusters there (NP1 drifting seed 2: 85 spikes of
+    GT 16 at displacements -15..-8 um, against -9..+14 um for its unit of 397, same place and
+    amplitude): a false unit and a less complete true one when kept apart."""
+    out = np.asarray(units).copy()
+    known = np.unique(out[:first_new])
+    members = {u: np.flatnonzero(np.isin(labels, np.flatnonzero(out[:first_new] == u))) for u in known}
+    members = {u: m for u, m in members.items() if len(m)}
+    centre = {u: (np.median(x[m]), np.median(z_reg[m])) for u, m in members.items()}
+    for k in range(first_new, len(out)):
+        mk = np.flatnonzero(labels == k)
+        if not len(mk):
+            continue
+        ck = np.median(x[mk]), np.median(z_reg[mk])
+        best, best_ratio = None, np.inf
+        for u, mu in members.items():
+            if np.hypot(centre[u][0] - ck[0], centre[u][1] - ck[1]) > DRIFT_PIECE_RADIUS_UM:
+                continue
+            ratio = _drift_piece_mismatch(drift_um[mk], drift_um[mu], amplitudes[mk], amplitudes[mu])
+            if ratio is not None and ratio < best_ratio and not _refractory_breach(times[mk], times[mu], refractory):
+                best, best_ratio = u, ratio
+        if best is not None:
+            out[k] = best
+            logger.info("dartsort: a unit of %d spikes found among the leftovers is a drift piece of unit %d; "
+                        "joined", len(mk), best)
+    return out
+
+
 def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory):
     """{group: (partner, amplitude mismatch)}: each group's best drift-piece partner."""
     keys = list(groups)

@@ -13,6 +13,7 @@ from dartsort_si.refinement import (
     RegisteredFeatures,
     cluster_leftovers,
     drift_piece_units,
+    pieces_of_known_units,
     drop_known,
     drop_time_locked,
     merge_templates,
@@ -306,6 +307,29 @@ def test_drift_pieces_of_one_unit_share_it_and_colocated_neurons_do_not():
     # without drift (a static recording) nothing is joined
     still = drift_piece_units(labels, x, z, np.zeros(5 * n), amps, times=times, refractory=REFRACTORY)
     assert len(set(still)) == 5
+
+
+def test_leftover_units_that_are_drift_pieces_join_their_known_unit():
+    """Templates 0 and 1 make known unit 7 (a neuron seen at displacements -5..15 um); templates
+    2-4 were found among the leftovers: 2 is that neuron at -15..-7 um, 3 a neuron at the same
+    place firing at every displacement, 4 a piece like 2 but 40 um away. Only 2 joins unit 7."""
+    rng = np.random.default_rng(21)
+    n = 200
+    ranges = [(-5, 5), (5, 15), (-15, -7), (-15, 15), (-15, -7)]
+    drift = np.concatenate([rng.uniform(lo, hi, n) for lo, hi in ranges])
+    labels = np.repeat(np.arange(5), n)
+    x = np.where(labels == 4, 67.0, 27.0) + rng.normal(0, 2, 5 * n)
+    z = 230.0 + rng.normal(0, 2, 5 * n)
+    amps = 12.0 * rng.uniform(0.95, 1.05, 5 * n)
+    # the probe moves steadily: a spike's displacement says when it fired
+    times = ((drift + 15) / 30 * (REFRACTORY[2] - 1)).astype(np.int64)
+    units = np.array([7, 7, 8, 9, 10])
+    out = pieces_of_known_units(labels, units, 2, x, z, drift, amps, times=times, refractory=REFRACTORY)
+    assert list(out) == [7, 7, 7, 9, 10]
+    # at twice the amplitude, template 2 is another neuron
+    louder = np.where(labels == 2, 2 * amps, amps)
+    out = pieces_of_known_units(labels, units, 2, x, z, drift, louder, times=times, refractory=REFRACTORY)
+    assert list(out) == [7, 7, 8, 9, 10]
 
 
 def test_registered_features_undo_drift():
