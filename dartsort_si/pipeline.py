@@ -22,7 +22,8 @@ from .config import DARTsortUserConfig, load_config
 from .motion_info import MotionInfo
 from .sorting import DARTsortSorting
 from .denoisers import check_denoiser_config
-from .preprocessing import check_recording, check_standardized, join_segments, preprocess, segment_lengths
+from .preprocessing import (cache_in_memory, check_recording, check_standardized, join_segments, preprocess,
+                            segment_lengths)
 from .storage import atomic_write_json, drop_damaged, start_manifest
 from .subtraction import Geometry, SnippetWindow
 
@@ -222,6 +223,10 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
             check_standardized(rec)
         if cfg.copy_recording_to_tmpdir:
             rec = steps.copy_recording(rec, out, cfg, job_kwargs)
+        elif not (out / "dartsort_sorting.npz").exists():  # a finished sort resumes without reading
+            # all the cores the workers and their torch threads share
+            cores = job_kwargs["n_jobs"] * torch.get_num_threads()
+            rec = cache_in_memory(rec, cores, job_kwargs["chunk_size"], threads=job_kwargs["pool_engine"] == "thread")
     geom = rec.get_channel_locations()
     window = SnippetWindow.from_config(cfg, rec.sampling_frequency)
     geometry = Geometry.build(geom, cfg, device)

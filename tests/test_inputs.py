@@ -126,3 +126,19 @@ def test_shorter_than_one_chunk_is_refused(tmp_path):
     with pytest.raises(ValueError, match="shorter than one chunk.*chunk_length_samples"):
         dartsort(_rec(duration=1.5), tmp_path / "out", cfg=dict(chunk_length_samples=60000))
     assert not (tmp_path / "out").exists()
+
+
+def test_preprocessed_traces_are_kept_in_memory_when_they_fit(gt_data, monkeypatch):
+    """The cache holds what the preprocessing gives (float32 rounding at chunk edges aside) with
+    the probe; over the memory budget, or with process workers, the recording is read through."""
+    from dartsort_si import preprocessing as pre
+
+    rec = pre.preprocess(gt_data[0], "standardize")
+    cached = pre.cache_in_memory(rec, 2, 10_000)
+    assert type(cached).__name__ == "NumpyRecording"
+    np.testing.assert_allclose(cached.get_traces(start_frame=5_000, end_frame=25_000),
+                               rec.get_traces(start_frame=5_000, end_frame=25_000), atol=1e-3)
+    np.testing.assert_array_equal(cached.get_channel_locations(), rec.get_channel_locations())
+    assert pre.cache_in_memory(rec, 2, 10_000, threads=False) is rec
+    monkeypatch.setattr(pre, "available_memory_bytes", lambda: 1_000_000)
+    assert pre.cache_in_memory(rec, 2, 10_000) is rec
