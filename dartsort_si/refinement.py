@@ -575,11 +575,16 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
     return units
 
 
-def pieces_of_known_units(labels, units, first_new, x, z_reg, drift_um, amplitudes, *, times, refractory):
+def pieces_of_known_units(labels, units, first_new, x, z_reg, drift_um, amplitudes, *, times, refractory,
+                          taken_from=None):
     """Output unit per template (units, indexed by template, updated): a template from first_new
     on (a unit found among matching's leftovers) whose spikes are a drift piece of one known
     output unit (drift_piece_units' tests, against all that unit's spikes) joins the one it
-    meets at the closest amplitude.
+    meets at the closest amplitude. taken_from (per template, or -1) names the known unit that
+    held most of a new template's spikes before it was found: that one need not be near it in
+    (x, z), which localizations at the probe's edge put far off the probe (NP1 drifting seed 1,
+    GT 35 below the first row: its unit's spikes at x 90-276 um on a 48 um wide probe, the 136
+    spikes at displacements 6-15 um that a new unit took at x 67-114 um).
 
     What the known unit's templates fit badly at displacements where it fired little in the
     subtraction's detections is left over, and clusters there (NP1 drifting seed 2: 85 spikes of
@@ -597,7 +602,8 @@ def pieces_of_known_units(labels, units, first_new, x, z_reg, drift_um, amplitud
         ck = np.median(x[mk]), np.median(z_reg[mk])
         best, best_ratio = None, np.inf
         for u, mu in members.items():
-            if np.hypot(centre[u][0] - ck[0], centre[u][1] - ck[1]) > DRIFT_PIECE_RADIUS_UM:
+            near = np.hypot(centre[u][0] - ck[0], centre[u][1] - ck[1]) <= DRIFT_PIECE_RADIUS_UM
+            if not near and (taken_from is None or taken_from[k] != u):
                 continue
             ratio = _drift_piece_mismatch(drift_um[mk], drift_um[mu], amplitudes[mk], amplitudes[mu])
             if ratio is not None and ratio < best_ratio and not _refractory_breach(times[mk], times[mu], refractory):

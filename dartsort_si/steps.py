@@ -504,12 +504,12 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
             first_id = 1 + max(int(temps.unit_ids.max(initial=-1)), int(sorting.labels.max(initial=-1)),
                                int(_template_labels(sorting).max(initial=-1)))
             new = leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id)
-            n_old = temps.n_units
+            first, n_old = spikes, temps.n_units
             if new.n_units:
                 temps, spikes, locs = _match_new_units(ctx, temps, new, spikes, locs, motion_info)
             unit_of = _unit_of_template(sorting)
             units = np.array([unit_of.get(int(t), int(t)) for t in temps.unit_ids])
-            units = _join_drift_pieces(ctx, spikes, locs, units, n_old, motion_info)
+            units = _join_drift_pieces(ctx, first, n_old, spikes, locs, units, motion_info)
             spikes, locs = _without_echoes(ctx, spikes, locs, temps, units)
             spikes, locs = _without_tiny_units(spikes, locs, units)
             features = dict(point_source_localizations=locs, scales=spikes["scale"],
@@ -525,15 +525,36 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
     return DARTsortSorting.from_peeling_hdf5(path)
 
 
-def _join_drift_pieces(ctx, spikes, locs, units, n_old, motion_info):
+def _join_drift_pieces(ctx, first, n_old, spikes, locs, units, motion_info):
     """Output unit per template, with the units found among the leftovers (templates from n_old
-    on) that are drift pieces of a known unit joined to it (refinement.pieces_of_known_units)."""
+    on; the first pass's n_old templates matched `first`) that are drift pieces of a known unit
+    joined to it (refinement.pieces_of_known_units)."""
     if len(units) == n_old:
         return units
     z_reg = motion_info.correct_s(spikes["sample_index"] / ctx.fs, locs[:, 2])
-    return refinement.pieces_of_known_units(spikes["unit_index"], units, n_old, locs[:, 0], z_reg,
-                                            locs[:, 2] - z_reg, spikes["amplitude"],
-                                            times=spikes["sample_index"], refractory=_refractory(ctx))
+    return refinement.pieces_of_known_units(
+        spikes["unit_index"], units, n_old, locs[:, 0], z_reg, locs[:, 2] - z_reg, spikes["amplitude"],
+        times=spikes["sample_index"], refractory=_refractory(ctx),
+        taken_from=_taken_from(first, spikes, units, n_old, ctx.dedup_samples))
+
+
+def _taken_from(first, spikes, units, n_old, tolerance):
+    """Per template, the output unit that held over half of its spikes (within tolerance
+    samples) in the first pass, or -1 (always -1 for the first pass's own templates)."""
+    out = np.full(len(units), -1)
+    t0 = first["sample_index"]
+    for k in range(n_old, len(units)):
+        t = spikes["sample_index"][spikes["unit_index"] == k]
+        if not len(t) or not len(t0):
+            continue
+        i = np.clip(np.searchsorted(t0, t), 1, len(t0) - 1)
+        j = np.where(np.abs(t0[i] - t) < np.abs(t0[i - 1] - t), i, i - 1)
+        held = units[first["unit_index"][j]][np.abs(t0[j] - t) <= tolerance]
+        if len(held):
+            ids, counts = np.unique(held, return_counts=True)
+            if counts.max() > len(t) / 2:
+                out[k] = ids[counts.argmax()]
+    return out
 
 
 def _match_new_units(ctx, temps, new, spikes, locs, motion_info):

@@ -312,7 +312,8 @@ def test_drift_pieces_of_one_unit_share_it_and_colocated_neurons_do_not():
 def test_leftover_units_that_are_drift_pieces_join_their_known_unit():
     """Templates 0 and 1 make known unit 7 (a neuron seen at displacements -5..15 um); templates
     2-4 were found among the leftovers: 2 is that neuron at -15..-7 um, 3 a neuron at the same
-    place firing at every displacement, 4 a piece like 2 but 40 um away. Only 2 joins unit 7."""
+    place firing at every displacement, 4 a piece like 2 but 40 um away. Only 2 joins unit 7, and 4
+    too when its spikes were unit 7's in the first pass."""
     rng = np.random.default_rng(21)
     n = 200
     ranges = [(-5, 5), (5, 15), (-15, -7), (-15, 15), (-15, -7)]
@@ -330,6 +331,10 @@ def test_leftover_units_that_are_drift_pieces_join_their_known_unit():
     louder = np.where(labels == 2, 2 * amps, amps)
     out = pieces_of_known_units(labels, units, 2, x, z, drift, louder, times=times, refractory=REFRACTORY)
     assert list(out) == [7, 7, 8, 9, 10]
+    # the far piece joins when its spikes were unit 7's before (localizations at the probe's edge)
+    out = pieces_of_known_units(labels, units, 2, x, z, drift, amps, times=times, refractory=REFRACTORY,
+                                taken_from=np.array([-1, -1, -1, -1, 7]))
+    assert list(out) == [7, 7, 7, 9, 7]
 
 
 def test_registered_features_undo_drift():
