@@ -337,6 +337,24 @@ def test_leftover_units_that_are_drift_pieces_join_their_known_unit():
     assert list(out) == [7, 7, 7, 9, 7]
 
 
+def test_echoes_of_a_big_spike_are_no_refractory_evidence():
+    """Two pieces of one neuron (amplitude 28) with spikes 0.5-2 ms apart only where one of the
+    two is a small echo (9) of the other: a breach on times alone, none with amplitudes; pairs of
+    comparable spikes still count."""
+    from dartsort_si.refinement import _refractory_breach
+
+    rng = np.random.default_rng(3)
+    a = np.sort(rng.choice(np.arange(0, REFRACTORY[2], 200), 300, replace=False))
+    b = np.sort(rng.choice(np.arange(100, REFRACTORY[2], 200), 300, replace=False))
+    echoes = a[:8] + 25  # eight echoes of piece a's spikes, clustered with piece b
+    tb = np.sort(np.concatenate([b, echoes]))
+    amps_a = np.full(len(a), 28.0)
+    amps_b = np.where(np.isin(tb, echoes), 9.0, 28.0)
+    assert _refractory_breach(a, tb, REFRACTORY)
+    assert not _refractory_breach(a, tb, REFRACTORY, amps_a, amps_b)
+    assert _refractory_breach(a, tb, REFRACTORY, amps_a, np.full(len(tb), 20.0))
+
+
 def test_registered_features_undo_drift():
     """The same spike seen at two drifts gives (nearly) the same registered features,
     where the features on the real channels differ."""
