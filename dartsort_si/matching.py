@@ -488,7 +488,8 @@ def hot_lag_pairs(ta, tb, window, duration):
     """(index into ta, hot, lag ta - tb) for every pair of times at most window apart (tb
     sorted): hot where the pair's lag, with the lags either side, holds at least ECHO_MIN_COUNT
     pairs and ECHO_EXCESS times what chance gives over `duration` samples."""
-    which, lag = _pairs_within(ta, tb, window)
+    which, partner = pairs_within(ta, tb, window)
+    lag = ta[which] - tb[partner]
     if not len(lag):
         return which, np.zeros(0, dtype=bool), lag
     counts = np.bincount(lag + window, minlength=2 * window + 1)
@@ -497,11 +498,10 @@ def hot_lag_pairs(ta, tb, window, duration):
     return which, (around >= max(ECHO_MIN_COUNT, ECHO_EXCESS * chance))[lag + window], lag
 
 
-def _pairs_within(ta, tb, window):
-    """(index into ta, lag ta - tb) of every pair of times at most window apart (tb sorted)."""
+def pairs_within(ta, tb, window):
+    """(index into ta, index into tb) of every pair of times at most window apart (tb sorted)."""
     lo = np.searchsorted(tb, ta - window)
     hi = np.searchsorted(tb, ta + window, side="right")
     which = np.repeat(np.arange(len(ta)), hi - lo)
     first = np.repeat(lo - np.cumsum(np.r_[0, (hi - lo)[:-1]]), hi - lo)
-    partner = first + np.arange(len(which))
-    return which, ta[which] - tb[partner]
+    return which, first + np.arange(len(which))

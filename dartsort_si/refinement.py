@@ -34,7 +34,7 @@ from scipy.special import log_ndtr
 from threadpoolctl import threadpool_limits
 
 from .clustering import _split_once, cluster_spikes, drop_echo_clusters, echo_gaps, echo_mask
-from .matching import hot_lag_pairs
+from .matching import hot_lag_pairs, pairs_within
 from .templates import DRIFT_STEP_UM, Kriging, Templates, interpolation_reach, quantized_drift
 
 logger = logging.getLogger("dartsort_si")
@@ -696,13 +696,9 @@ def _comparable_pairs(times_a, times_b, amps_a, amps_b, lo, hi):
     """refractory_pairs, counting only pairs whose amplitudes are within ECHO_PAIR_RATIO."""
     order = np.argsort(times_b, kind="stable")
     tb, ab = np.asarray(times_b)[order], np.asarray(amps_b, float)[order]
-    amps_a = np.asarray(amps_a, float)
-    count = 0
-    for w0, w1 in ((lo, hi), (-hi, -lo)):
-        start = np.searchsorted(tb, times_a + w0, side="left")
-        n = np.searchsorted(tb, times_a + w1, side="right") - start
-        ia = np.repeat(np.arange(len(times_a)), n)
-        ib = np.repeat(start - np.cumsum(n) + n, n) + np.arange(n.sum())
-        big, small = np.maximum(amps_a[ia], ab[ib]), np.minimum(amps_a[ia], ab[ib])
-        count += int((big <= ECHO_PAIR_RATIO * np.maximum(small, 1e-9)).sum())
-    return count
+    ta = np.asarray(times_a)
+    which, partner = pairs_within(ta, tb, hi)
+    inside = np.abs(ta[which] - tb[partner]) >= lo
+    big = np.maximum(np.asarray(amps_a, float)[which], ab[partner])[inside]
+    small = np.minimum(np.asarray(amps_a, float)[which], ab[partner])[inside]
+    return int((big <= ECHO_PAIR_RATIO * np.maximum(small, 1e-9)).sum())
