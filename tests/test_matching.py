@@ -100,45 +100,77 @@ def test_pieces_of_one_unit_and_similar_amplitudes_are_not_echoes():
     assert not same_unit.any() and not similar.any()
 
 
-def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
-    # a unit of peak 2.3 noise sd on its main channel, spread over ~10 channels (energy ~110):
-    # a 6 sd voltage threshold catches none of its spikes; the matched filter most of them
+def _small_unit_recording(size, seed=0):
+    """32 channels of unit noise and one unit of peak `size` noise sd spread over ~10 channels,
+    firing every 290 samples: (recording, geom, template, n_before, spike times)."""
     import spikeinterface.core as sc
     from probeinterface import generate_linear_probe
 
-    from dartsort_si.config import load_config
-    from dartsort_si.motion_info import MotionInfo
-    from dartsort_si.steps import LEFTOVER_THRESHOLD
-    from dartsort_si.subtraction import Geometry
-    from dartsort_si.templates import Templates
-
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n_chans, length, n_before, n = 32, 121, 42, 30_000
     geom = np.c_[np.tile([0.0, 32.0], n_chans // 2), np.repeat(np.arange(n_chans // 2) * 20.0, 2)]
     t = np.arange(length) - n_before
     wave = -np.exp(-0.5 * (t / 4.0) ** 2) + 0.4 * np.exp(-0.5 * ((t - 12) / 8.0) ** 2)
     spread = np.exp(-np.linalg.norm(geom - geom[15], axis=1) ** 2 / (2 * 25.0 ** 2))
-    template = (2.6 * wave[:, None] * spread[None, :]).astype(np.float32)
+    template = (size * wave[:, None] * spread[None, :]).astype(np.float32)
     times = np.arange(1000, n - 1000, 290)
     traces = rng.standard_normal((n, n_chans)).astype(np.float32)
     for s in times:
         traces[s - n_before: s - n_before + length] += template
-    assert np.abs(template).max() < 3 and (template ** 2).sum() < 130
     rec = sc.NumpyRecording(traces, 30_000.0)
     probe = generate_linear_probe(num_elec=n_chans)
     probe.set_contacts(geom)
     probe.set_device_channel_indices(np.arange(n_chans))
     rec.set_probe(probe)
+    return rec, geom, template, n_before, times
+
+
+def _small_unit_matcher(rec, geom, template, n_before, **kwargs):
+    from dartsort_si.config import load_config
+    from dartsort_si.motion_info import MotionInfo
+    from dartsort_si.subtraction import Geometry
+    from dartsort_si.templates import Templates
+
     cfg = load_config({})
-    matcher = TemplateMatcher(rec, Templates(template[None], np.array([0]), np.array([100]), n_before),
-                              MotionInfo.from_motion_est(geom=geom, rgeom=geom), cfg, Geometry.build(geom, cfg),
-                              leftover_threshold=LEFTOVER_THRESHOLD)
+    return TemplateMatcher(rec, Templates(template[None], np.array([0]), np.array([100]), n_before),
+                           MotionInfo.from_motion_est(geom=geom, rgeom=geom), cfg, Geometry.build(geom, cfg),
+                           **kwargs)
+
+
+def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
+    # a unit of peak 2.3 noise sd on its main channel, spread over ~10 channels (energy ~110):
+    # a 6 sd voltage threshold catches none of its spikes; the matched filter most of them
+    from dartsort_si.steps import LEFTOVER_THRESHOLD
+
+    rec, geom, template, n_before, times = _small_unit_recording(2.6)
+    assert np.abs(template).max() < 3 and (template ** 2).sum() < 130
+    matcher = _small_unit_matcher(rec, geom, template, n_before, leftover_threshold=LEFTOVER_THRESHOLD)
     margin = matcher.get_margin()
-    found = matcher.leftovers(torch.as_tensor(traces), start_frame=margin)["sample_index"]
+    traces = torch.as_tensor(rec.get_traces())
+    found = matcher.leftovers(traces, start_frame=margin)["sample_index"]
     near = np.abs(found[:, None] - times[None, :]).min(1) <= 2
     caught = np.abs(times[:, None] - found[None, :]).min(1) <= 2
     assert caught.mean() > 0.6, caught.mean()
     assert (~near).sum() <= 0.1 * len(found)
+
+
+def test_units_found_by_the_matched_filter_are_matched_by_it():
+    # a template of squared norm ~50, under matching_threshold^2 = 64: the decrease alone takes a
+    # minority of its spikes, the matched filter at NEW_UNIT_FILTER_Z nearly all, and no noise
+    from dartsort_si.steps import NEW_UNIT_FILTER_Z
+
+    rec, geom, template, n_before, times = _small_unit_recording(1.75)
+    assert 40 < (template ** 2).sum() < 64
+    caught = {}
+    for name, kwargs in (("decrease", {}), ("filter", dict(filter_units=[0], filter_threshold=NEW_UNIT_FILTER_Z))):
+        matcher = _small_unit_matcher(rec, geom, template, n_before, with_features=False, **kwargs)
+        spikes = matcher.compute(rec.get_traces(), 0, rec.get_num_samples(), 0, 0)[0]
+        found = spikes["sample_index"]
+        inner = times[(times > matcher.get_margin()) & (times < rec.get_num_samples() - matcher.get_margin())]
+        caught[name] = (np.abs(inner[:, None] - found[None, :]).min(1) <= 2).mean() if len(found) else 0.0
+        if name == "filter":
+            assert (np.abs(found[:, None] - times[None, :]).min(1) > 2).sum() <= 2
+    assert caught["decrease"] < 0.6 and caught["filter"] > 0.9, caught
 
 
 def _two_unit_recording(n=60_000, seed=0):
