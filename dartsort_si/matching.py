@@ -6,7 +6,9 @@ the decrease in the residual's squared norm from subtracting the template
 with its best amplitude scale (Gaussian prior around 1, clipped to
 1 +/- boundary). Greedily take the peaks above matching_threshold**2,
 pick the best sub-sample shift among `temporal_upsamples` versions,
-subtract, and repeat until nothing is left.
+subtract, and repeat until nothing is left. Units found among a pass's
+leftovers (filter_units) are also taken where their matched filter
+reaches filter_threshold times its noise sd (matched_filter_thresholds).
 """
 
 from __future__ import annotations
