@@ -699,6 +699,5 @@ def _comparable_pairs(times_a, times_b, amps_a, amps_b, lo, hi):
     ta = np.asarray(times_a)
     which, partner = pairs_within(ta, tb, hi)
     inside = np.abs(ta[which] - tb[partner]) >= lo
-    big = np.maximum(np.asarray(amps_a, float)[which], ab[partner])[inside]
-    small = np.minimum(np.asarray(amps_a, float)[which], ab[partner])[inside]
-    return int((big <= ECHO_PAIR_RATIO * np.maximum(small, 1e-9)).sum())
+    a, b = np.asarray(amps_a, float)[which][inside], ab[partner][inside]
+    return int((np.maximum(a, b) <= ECHO_PAIR_RATIO * np.maximum(np.minimum(a, b), 1e-9)).sum())

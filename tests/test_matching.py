@@ -100,12 +100,22 @@ def test_pieces_of_one_unit_and_similar_amplitudes_are_not_echoes():
     assert not same_unit.any() and not similar.any()
 
 
-def _small_unit_recording(size, seed=0):
-    """32 channels of unit noise and one unit of peak `size` noise sd spread over ~10 channels,
-    firing every 290 samples: (recording, geom, template, n_before, spike times)."""
+def _on_probe(traces, geom):
+    """A 30 kHz NumpyRecording of traces (T, C) on contacts at geom."""
     import spikeinterface.core as sc
     from probeinterface import generate_linear_probe
 
+    rec = sc.NumpyRecording(traces, 30_000.0)
+    probe = generate_linear_probe(num_elec=len(geom))
+    probe.set_contacts(geom)
+    probe.set_device_channel_indices(np.arange(len(geom)))
+    rec.set_probe(probe)
+    return rec
+
+
+def _small_unit_recording(size, seed=0):
+    """32 channels of unit noise and one unit of peak `size` noise sd spread over ~10 channels,
+    firing every 290 samples: (recording, geom, template, n_before, spike times)."""
     rng = np.random.default_rng(seed)
     n_chans, length, n_before, n = 32, 121, 42, 30_000
     geom = np.c_[np.tile([0.0, 32.0], n_chans // 2), np.repeat(np.arange(n_chans // 2) * 20.0, 2)]
@@ -117,11 +127,7 @@ def _small_unit_recording(size, seed=0):
     traces = rng.standard_normal((n, n_chans)).astype(np.float32)
     for s in times:
         traces[s - n_before: s - n_before + length] += template
-    rec = sc.NumpyRecording(traces, 30_000.0)
-    probe = generate_linear_probe(num_elec=n_chans)
-    probe.set_contacts(geom)
-    probe.set_device_channel_indices(np.arange(n_chans))
-    rec.set_probe(probe)
+    rec = _on_probe(traces, geom)
     return rec, geom, template, n_before, times
 
 
@@ -176,9 +182,6 @@ def test_units_found_by_the_matched_filter_are_matched_by_it():
 def _two_unit_recording(n=60_000, seed=0):
     """16 channels of unit noise; unit A (peak ~16 sd) and unit B (a quarter of A's size, 20 um
     lower, its trough later), whose spikes often fall within a template length of A's."""
-    import spikeinterface.core as sc
-    from probeinterface import generate_linear_probe
-
     rng = np.random.default_rng(seed)
     n_chans, length, n_before = 16, 121, 42
     geom = np.c_[np.zeros(n_chans), np.arange(n_chans) * 20.0]
@@ -197,11 +200,7 @@ def _two_unit_recording(n=60_000, seed=0):
         traces[s - n_before: s - n_before + length] += a
     for s in times_b:
         traces[s - n_before: s - n_before + length] += b
-    rec = sc.NumpyRecording(traces, 30_000.0)
-    probe = generate_linear_probe(num_elec=n_chans)
-    probe.set_contacts(geom)
-    probe.set_device_channel_indices(np.arange(n_chans))
-    rec.set_probe(probe)
+    rec = _on_probe(traces, geom)
     return rec, geom, np.stack([a, b]), n_before, times_a, times_b
 
 
