@@ -271,11 +271,11 @@ class TemplateMatcher(PeakDetector):
             t, a, j = self.refine(proj, temps, norms, pick, unit)
             rows = subtract_waveforms(residual, temps.waveforms(unit, j) * a[:, None, None], t)
             changed = torch.unique(rows)
-            proj[changed] = residual[changed] @ to_rank
+            proj.index_copy_(0, changed, residual[changed] @ to_rank)
             conv = self.update_objective(conv, proj, temporal, t)
             lo = (t - REFRACTORY_SAMPLES).clamp(0, n_t)
-            for d in range(2 * REFRACTORY_SAMPLES + 1):
-                blocked[unit, (lo + d).clamp(max=n_t - 1)] = True
+            around = (lo[:, None] + torch.arange(2 * REFRACTORY_SAMPLES + 1, device=t.device)).clamp(max=n_t - 1)
+            blocked.view(-1).index_fill_(0, (unit[:, None] * n_t + around).reshape(-1), True)
             found.append((t + self.n_before, unit, a, j))
         if not found:
             z = torch.zeros(0, dtype=torch.long, device=residual.device)
@@ -308,7 +308,8 @@ class TemplateMatcher(PeakDetector):
         local = local.reshape(len(t), n_units, rank, span).sum(2)  # (n, K, span)
         pos = start[:, None] + torch.arange(span, device=t.device)
         ok = (pos >= 0) & (pos < n_t)
-        conv[:, pos[ok]] = local.permute(1, 0, 2)[:, ok]
+        # overlapping windows write the same values (both from the updated proj)
+        conv.index_copy_(1, pos[ok], local.permute(1, 0, 2)[:, ok])
         return conv
 
     def best_scale(self, dot, norm):

@@ -82,10 +82,36 @@ def cut_channel_major(traces_ct: torch.Tensor, times: torch.Tensor, chans: torch
 def add(traces: torch.Tensor, times: torch.Tensor, chans: torch.Tensor,
         channel_index: torch.Tensor, offsets: torch.Tensor, snippets: torch.Tensor):
     """In place: traces[times+offsets, channel_index[chans]] += snippets (padding dropped)."""
-    cols = channel_index[chans][:, None, :].expand_as(snippets)
-    rows = (times[:, None] + offsets[None, :])[:, :, None].expand_as(snippets)
-    real = cols < traces.shape[1]
-    traces.index_put_((rows[real], cols[real]), snippets[real], accumulate=True)
+    real, idx = _flat_indices(traces, times, channel_index[chans], offsets)
+    flat_view(traces).index_add_(0, idx[real], snippets[real])
+
+
+def fill(traces: torch.Tensor, times: torch.Tensor, cols: torch.Tensor, offsets: torch.Tensor, value):
+    """In place: traces[times+offsets, cols] = value, cols (n, K) channels (padding:
+    traces.shape[1], dropped)."""
+    real, idx = _flat_indices(traces, times, cols, offsets)
+    flat_view(traces).index_fill_(0, idx[real], value)
+
+
+def flat_view(traces: torch.Tensor) -> torch.Tensor:
+    """The 1-D view of a (T, C) tensor's memory, laid out by rows or by channels. Writing
+    through it with index_add_ took 0.7 ms where index_put_ on (rows, cols) took 10 ms (60
+    snippets of 121 x 40 samples, one thread), the same sums."""
+    if traces.is_contiguous():
+        return traces.view(-1)
+    if traces.T.is_contiguous():
+        return traces.T.view(-1)
+    raise ValueError("traces must be laid out by rows or by channels")
+
+
+def _flat_indices(traces, times, cols, offsets):
+    """(real, idx), both (n, L, K): where cols (n, K) is a real channel, and the position of
+    each sample in flat_view(traces)."""
+    row_stride, col_stride = traces.stride()
+    rows = times[:, None] + offsets[None, :]  # (n, L)
+    idx = rows[:, :, None] * row_stride + cols[:, None, :] * col_stride
+    real = (cols < traces.shape[1])[:, None, :].expand_as(idx)
+    return real, idx
 
 
 def neighbour_mask(channel_index: torch.Tensor, chans: torch.Tensor) -> torch.Tensor:

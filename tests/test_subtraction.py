@@ -239,3 +239,29 @@ def test_cut_from_channel_major_traces_equals_cut():
     got = wf.cut_channel_major(traces.T.contiguous(), times, chans, index, offsets)
     assert got.shape == expected.shape == (4, 60, index.shape[1])
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("by_channel", [False, True])
+def test_add_and_fill_write_what_indexing_by_row_and_channel_writes(by_channel):
+    from dartsort_si.channels import make_channel_index
+
+    rng = np.random.default_rng(1)
+    geom = np.array([[0.0, 20.0 * i] for i in range(12)])
+    index = torch.as_tensor(make_channel_index(geom, 45.0))  # padded rows at the probe's ends
+    base = torch.as_tensor(rng.standard_normal((500, 12)), dtype=torch.float32)
+    traces = base.T.contiguous().T if by_channel else base.clone()
+    times = torch.as_tensor([30, 50, 250, 400])  # the first two overlap: their sums add up
+    chans = torch.as_tensor([0, 1, 11, 6])
+    offsets = torch.arange(-20, 40)
+    snippets = torch.as_tensor(rng.standard_normal((4, 60, index.shape[1])), dtype=torch.float32)
+    expected = base.clone()
+    cols = index[chans][:, None, :].expand_as(snippets)
+    rows = (times[:, None] + offsets)[:, :, None].expand_as(snippets)
+    real = cols < 12
+    expected.index_put_((rows[real], cols[real]), snippets[real], accumulate=True)
+    wf.add(traces, times, chans, index, offsets, snippets)
+    assert torch.allclose(traces, expected, atol=1e-6) and not torch.equal(traces, base)
+    marks = torch.zeros((500, 12), dtype=torch.int32)
+    marks = marks.T.contiguous().T if by_channel else marks
+    wf.fill(marks, times, index[chans], offsets, 7)
+    assert torch.equal(marks == 7, (expected != base))
