@@ -71,3 +71,29 @@ def test_an_estimate_that_blurs_the_depths_is_refused():
     drift = 10 * np.sin(t)
     assert sharpening(depths + drift, depths) > 1.5
     assert sharpening(depths, depths) == pytest.approx(1.0)
+
+
+def test_motion_of_units_spread_thinly_along_a_long_probe(caplog):
+    """A 384-channel probe (3.8 mm) holding a unit every ~300 um: DREDge's default activity threshold
+    leaves out most of its windows, so the estimate is redone with a threshold relative to the data
+    (motion.SPARSE_RELATIVE) and still recovers the drift."""
+    import logging
+
+    rng = np.random.default_rng(1)
+    geom = np.array([[x, 20.0 * r] for r in range(192) for x in (0.0, 32.0)])
+    times, depths, amps = [], [], []
+    for z in np.linspace(150, 3650, 12):
+        t = np.sort(rng.uniform(0, DURATION_S, rng.poisson(8.0 * DURATION_S)))
+        times.append(t)
+        depths.append(z + true_disp(t) + rng.normal(0, 2.0, len(t)))
+        amps.append(rng.uniform(5, 30) * rng.uniform(0.8, 1.2, len(t)))
+    times, depths, amps = map(np.concatenate, (times, depths, amps))
+    with caplog.at_level(logging.INFO, logger="dartsort_si"):
+        me = estimate_motion(times, depths, amps, DARTsortUserConfig(), geom=geom, progress=False)
+    assert "too sparse" in caplog.text
+    t = np.arange(2.0, DURATION_S - 2.0, 0.5)
+    errs = []
+    for z in (500.0, 1900.0, 3300.0):
+        d = me.disp_at_s(t, np.full_like(t, z)) - true_disp(t)
+        errs.append(np.abs(d - np.median(d)))
+    assert float(np.mean(errs)) < 2.0
