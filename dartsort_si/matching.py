@@ -45,6 +45,15 @@ OVERLAP_PTP = 0.5
 # on NP1 drifting seed 5 and found none: one width, one Neuropixels row pitch.
 LEFTOVER_SIGMA_UM = 20.0
 MAD_STRIDE = 5
+# matching's objective after a round's subtractions is updated around each spike, LOCAL_UPDATE_BATCH
+# spikes per convolution, unless the windows (2 template lengths each) cover over
+# LOCAL_UPDATE_LIMIT times the chunk; then it is convolved whole. One thread, 45 units x rank 5, 1 s
+# chunk: whole 79 ms; around each spike 0.24 ms in batches of 8, 0.35 ms in batches of 48-64
+# (their windows outgrow the cache), so the whole convolution pays from about 330 spikes
+# (2.6 chunks of windows). The limit was 0.5, where the first rounds of most chunks took the
+# whole convolution (7.5% of a 60 s static matching pass's samples, py-spy).
+LOCAL_UPDATE_BATCH = 8
+LOCAL_UPDATE_LIMIT = 2.0
 
 
 def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
@@ -294,13 +303,20 @@ class TemplateMatcher(PeakDetector):
     def update_objective(self, conv, proj, temporal, t):
         """conv after subtracting spikes starting at times t: only times within a template
         length of a subtraction change. Those are recomputed from proj, unless they cover
-        so much of the chunk that one full convolution is cheaper (the first rounds).
+        so much of the chunk that one full convolution is cheaper (LOCAL_UPDATE_LIMIT).
         The full re-convolution at every round took 11% of a whole sort (py-spy, 60 s x 128 ch)."""
         n_units, rank, length = temporal.shape
         n_t = conv.shape[1]
-        span = 2 * length - 1
-        if len(t) * span > n_t // 2:
+        if len(t) * (2 * length - 1) > LOCAL_UPDATE_LIMIT * n_t:
             return self.convolve(proj, temporal)
+        for i in range(0, len(t), LOCAL_UPDATE_BATCH):
+            conv = self._update_near(conv, proj, temporal, t[i: i + LOCAL_UPDATE_BATCH])
+        return conv
+
+    def _update_near(self, conv, proj, temporal, t):
+        n_units, rank, length = temporal.shape
+        n_t = conv.shape[1]
+        span = 2 * length - 1
         start = t - (length - 1)  # first objective time a subtraction at t touches
         rows = (start[:, None] + torch.arange(span + length - 1, device=t.device)).clamp(0, len(proj) - 1)
         windows = proj[rows].permute(0, 2, 1)  # (n, K r, span + L - 1)
