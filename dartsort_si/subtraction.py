@@ -448,12 +448,20 @@ class SubtractionPeeler(PeakDetector):
             snips = wf.cut_channel_major(by_channel, t, c, g.subtraction_index, offsets)
             mask = wf.neighbour_mask(g.subtraction_index, c)
             keys = memo.keys_of(t, g.subtraction_index[c])
-            ok, feats = self.accepted(snips, mask, keys, t, c, memo)
+            feats, decrease = self.denoiser.features(snips, mask, min_decrease=self.accept, memo=memo, keys=keys)
+            # accepted snippets of one round must not overlap (or a big spike seen
+            # from two candidates is subtracted twice): keep the biggest within a
+            # snippet length and twice the subtraction radius. Overlapping spikes
+            # are found in the next rounds, on the residual.
+            ok = decrease > self.accept
             if not ok.any():
                 break
-            # the next round looks near what is subtracted now: what lost to it is there
+            # the next round looks near everything accepted here, and near what lost only
+            # to a bigger neighbour: in a chain A > B > S, B waits for A, but S is too far
+            # from A to be looked at again unless it is remembered itself
+            last = (t[ok], c[ok])
+            ok[ok.clone()] = wf.strongest(decrease[ok], t[ok], c[ok], g.conflicts, w.length)
             t, c, clean = t[ok], c[ok], self.denoiser.tpca.inverse(feats[ok])
-            last = (t, c)
             wf.add(residual, t, c, g.subtraction_index, offsets, -clean)
             memo.subtracted(t, g.subtraction_index[c])
             found.append((t, c, clean))
@@ -463,33 +471,6 @@ class SubtractionPeeler(PeakDetector):
         t, c, clean = (torch.cat(z) for z in zip(*found))
         order = torch.argsort(t)
         return t[order], c[order], clean[order]
-
-    def accepted(self, snips, mask, keys, t, c, memo):
-        """(ok, features): the candidates subtracted this round. Accepted snippets of one round
-        must not overlap (or a big spike seen from two candidates is subtracted twice), so
-        within a snippet length and twice the subtraction radius only one is taken; the others
-        are found in the next rounds, on the residual. The NN looks first at the candidates
-        whose cheap (temporal-PCA) decrease is the biggest around; what conflicts with one it
-        accepts waits for the next round unseen, and around one it rejects the next biggest
-        gets its turn. Denoising every candidate first spent most of the NN's time on the
-        other channels' peaks of spikes that a bigger candidate then took (NP2 drifting seed
-        4, 10 s: 29,892 snippets through the NN, 15,921 accepted, about 2,100 subtracted)."""
-        g, w = self.geometry, self.window
-        cheap = self.denoiser.cheap_decrease(snips, mask)
-        ok = torch.zeros(len(t), dtype=torch.bool, device=t.device)
-        feats = torch.zeros((len(t), self.denoiser.tpca.rank, snips.shape[2]), device=snips.device)
-        pending = cheap > self.accept  # the NN mostly lowers the decrease: the others would fail
-        while pending.any():
-            idx = torch.nonzero(pending)[:, 0]
-            look = idx[wf.strongest(cheap[idx], t[idx], c[idx], g.conflicts, w.length)]
-            f, decrease = self.denoiser.features(snips[look], mask[look], memo=memo, keys=keys[look])
-            pending[look] = False
-            good = decrease > self.accept
-            if good.any():
-                ok[look[good]], feats[look[good]] = True, f[good]
-                idx = torch.nonzero(pending)[:, 0]
-                pending[idx[_near(t[idx], c[idx], t[look[good]], c[look[good]], g.conflicts, w.length)]] = False
-        return ok, feats
 
     def align(self, times, waves):
         """Move each spike's time to the trough (peak for peak_sign='pos') of its denoised
