@@ -30,13 +30,13 @@ MIN_SHARPENING = 0.8
 
 
 # DREDge leaves out each (non-rigid window, time bin) whose activity (the window's mean of the log
-# amplitude raster) is under its weights threshold, 0.2 by default: a level for dense recordings. On a
-# 384-channel NP1 drifting draw with 40 units (one per 96 um) 89% of them fell under it, 8 of 9
-# windows were left out whole and the estimate came out flat (error 5.2 um against 6.6 with no
-# correction; 20 of 40 units well detected, most split in two). On the 128-channel cases 0-3% fall
-# under it. When over SPARSE_FRACTION do, the estimate is redone with the threshold at
+# amplitude raster) is under its weights threshold, ACTIVITY_THRESHOLD (DREDge's default, passed
+# explicitly): a level for dense recordings. On a 384-channel NP1 drifting draw with 40 units (one
+# per 96 um) 89% of them fell under it, 8 of 9 windows were left out whole and the estimate came out
+# flat (error 5.2 um against 6.6 with no correction; 20 of 40 units well detected, most split in
+# two). On the 128-channel cases 0-3% fall under it. When over SPARSE_FRACTION do, the estimate is redone with the threshold at
 # SPARSE_RELATIVE x the median activity: 0.61 um on that draw (0.3x: 0.61, 0.7x: 0.89).
-DREDGE_WEIGHTS_THRESHOLD = 0.2
+ACTIVITY_THRESHOLD = 0.2
 SPARSE_FRACTION = 0.25
 SPARSE_RELATIVE = 0.5
 
@@ -87,7 +87,8 @@ def estimate_motion(times_s, depths_um, amplitudes, cfg, geom=None, device=None,
         )
     duration = float(np.ptp(times_s[ok])) if ok.any() else 0.0
     # a time horizon well under the recording length keeps the solve local and stable
-    kwargs = dict(rigid=cfg.rigid, device=device, pbar=progress)
+    kwargs = dict(rigid=cfg.rigid, device=device, pbar=progress, weights_threshold_low=ACTIVITY_THRESHOLD,
+                  weights_threshold_high=ACTIVITY_THRESHOLD)
     if duration < 600:
         kwargs["max_dt_s"] = max(duration, 1.0)
     me, extra = dredge.register(amplitudes[ok], depths_um[ok], times_s[ok], **kwargs)
@@ -114,7 +115,7 @@ def sparse_activity_threshold(weights) -> float | None:
     if weights is None or not np.size(weights):
         return None
     weights = np.asarray(weights, dtype=float)
-    if np.mean(weights < DREDGE_WEIGHTS_THRESHOLD) <= SPARSE_FRACTION:
+    if np.mean(weights < ACTIVITY_THRESHOLD) <= SPARSE_FRACTION:
         return None
     return SPARSE_RELATIVE * float(np.median(weights))
 
