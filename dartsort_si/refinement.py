@@ -71,8 +71,12 @@ LEFTOVER_ECHO_RATIO = 1.5
 # spikes, not a neuron (see drop_time_locked). A real neuron's events fall there by chance only.
 LOCKED_FRACTION = 0.25
 # a unit found among matching's leftovers is dropped when a known unit of about its amplitude has
-# its main channel this close (see drop_known)
-KNOWN_RADIUS_UM = 30.0
+# its main channel this close (see drop_known). At 30 um (NP1's next contacts are 26 um away,
+# diagonally) it dropped a neuron for another one: static seed 1, GT 17 (SNR 2.7, 143 of its spikes
+# in one leftover cluster, peak-to-peak 3.2) for GT 4's unit (3.9) 26 um away. At 20 um (the same
+# registered channel) the rematch of 23 held-out draws from matching1 gains it (37 -> 38) and keeps
+# the others' counts, with one false-positive and one redundant unit more over the 23.
+KNOWN_RADIUS_UM = 20.0
 # the smallest cluster split_units may produce
 MIN_SPLIT_SIZE = 25
 # pieces of a split that fire over the same displacements and whose mean features lie this many
