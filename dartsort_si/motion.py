@@ -34,8 +34,9 @@ MIN_SHARPENING = 0.8
 # explicitly): a level for dense recordings. On a 384-channel NP1 drifting draw with 40 units (one
 # per 96 um) 89% of them fell under it, 8 of 9 windows were left out whole and the estimate came out
 # flat (error 5.2 um against 6.6 with no correction; 20 of 40 units well detected, most split in
-# two). On the 128-channel cases 0-3% fall under it. When over SPARSE_FRACTION do, the estimate is redone with the threshold at
-# SPARSE_RELATIVE x the median activity: 0.61 um on that draw (0.3x: 0.61, 0.7x: 0.89).
+# two). On the 128-channel cases 0-3% fall under it. When over SPARSE_FRACTION do, the estimate is
+# redone with the threshold at SPARSE_RELATIVE x the median activity: 0.61 um on that draw (0.3x:
+# 0.61, 0.7x: 0.89).
 ACTIVITY_THRESHOLD = 0.2
 SPARSE_FRACTION = 0.25
 SPARSE_RELATIVE = 0.5

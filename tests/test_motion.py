@@ -14,10 +14,11 @@ def true_disp(t):
     return 15.0 * np.sin(2 * np.pi * t / 40.0)
 
 
-def drifting_spikes(rng, n_units=25, rate_hz=20.0, outlier_fraction=0.03):
-    """Units at fixed depths that all move by true_disp(t), plus a few wild depths."""
-    depths0 = rng.uniform(50, 730, n_units)
-    amps0 = rng.uniform(5, 30, n_units)
+def drifting_spikes(rng, n_units=25, rate_hz=20.0, outlier_fraction=0.03, unit_depths=None):
+    """Units at fixed depths (unit_depths, or n_units drawn over GEOM) that all move by
+    true_disp(t), plus a few wild depths."""
+    depths0 = rng.uniform(50, 730, n_units) if unit_depths is None else np.asarray(unit_depths, float)
+    amps0 = rng.uniform(5, 30, len(depths0))
     times, depths, amps = [], [], []
     for z, a in zip(depths0, amps0):
         t = np.sort(rng.uniform(0, DURATION_S, rng.poisson(rate_hz * DURATION_S)))
@@ -79,15 +80,9 @@ def test_motion_of_units_spread_thinly_along_a_long_probe(caplog):
     (motion.SPARSE_RELATIVE) and still recovers the drift."""
     import logging
 
-    rng = np.random.default_rng(1)
     geom = np.array([[x, 20.0 * r] for r in range(192) for x in (0.0, 32.0)])
-    times, depths, amps = [], [], []
-    for z in np.linspace(150, 3650, 12):
-        t = np.sort(rng.uniform(0, DURATION_S, rng.poisson(8.0 * DURATION_S)))
-        times.append(t)
-        depths.append(z + true_disp(t) + rng.normal(0, 2.0, len(t)))
-        amps.append(rng.uniform(5, 30) * rng.uniform(0.8, 1.2, len(t)))
-    times, depths, amps = map(np.concatenate, (times, depths, amps))
+    times, depths, amps = drifting_spikes(np.random.default_rng(1), rate_hz=8.0, outlier_fraction=0.0,
+                                          unit_depths=np.linspace(150, 3650, 12))
     with caplog.at_level(logging.INFO, logger="dartsort_si"):
         me = estimate_motion(times, depths, amps, DARTsortUserConfig(), geom=geom, progress=False)
     assert "too sparse" in caplog.text
