@@ -5,7 +5,7 @@ the matched spikes are dropped."""
 import numpy as np
 import torch
 
-from dartsort_si.matching import LowRankTemplates, TemplateMatcher, time_locked_echoes
+from dartsort_si.matching import LowRankTemplates, TemplateMatcher, noise_precision, time_locked_echoes
 
 
 def _objective_after_subtractions(times, n_t=3000, seed=0):
@@ -113,18 +113,23 @@ def _on_probe(traces, geom):
     return rec
 
 
-def _small_unit_recording(size, seed=0):
+def _small_unit_recording(size, seed=0, noise_decay_um=None, spread_um=25.0):
     """32 channels of unit noise and one unit of peak `size` noise sd spread over ~10 channels,
-    firing every 290 samples: (recording, geom, template, n_before, spike times)."""
+    firing every 290 samples: (recording, geom, template, n_before, spike times). With
+    noise_decay_um, channels' noise correlates as exp(-distance / noise_decay_um), as in
+    SpikeInterface's generator (25 um)."""
     rng = np.random.default_rng(seed)
     n_chans, length, n_before, n = 32, 121, 42, 30_000
     geom = np.c_[np.tile([0.0, 32.0], n_chans // 2), np.repeat(np.arange(n_chans // 2) * 20.0, 2)]
     t = np.arange(length) - n_before
     wave = -np.exp(-0.5 * (t / 4.0) ** 2) + 0.4 * np.exp(-0.5 * ((t - 12) / 8.0) ** 2)
-    spread = np.exp(-np.linalg.norm(geom - geom[15], axis=1) ** 2 / (2 * 25.0 ** 2))
+    spread = np.exp(-np.linalg.norm(geom - geom[15], axis=1) ** 2 / (2 * spread_um ** 2))
     template = (size * wave[:, None] * spread[None, :]).astype(np.float32)
     times = np.arange(1000, n - 1000, 290)
     traces = rng.standard_normal((n, n_chans)).astype(np.float32)
+    if noise_decay_um:
+        dist = np.linalg.norm(geom[:, None] - geom[None], axis=2)
+        traces = traces @ np.linalg.cholesky(np.exp(-dist / noise_decay_um)).T.astype(np.float32)
     for s in times:
         traces[s - n_before: s - n_before + length] += template
     rec = _on_probe(traces, geom)
@@ -177,6 +182,35 @@ def test_units_found_by_the_matched_filter_are_matched_by_it():
         if name == "filter":
             assert (np.abs(found[:, None] - times[None, :]).min(1) > 2).sum() <= 2
     assert caught["decrease"] < 0.6 and caught["filter"] > 0.9, caught
+
+
+def test_in_correlated_noise_the_whitened_filter_finds_more_of_a_small_units_spikes():
+    # noise correlated between neighbouring channels (25 um decay) hides a small unit's spikes
+    # from the plain matched filter more than from the whitened one (matching.noise_precision)
+    from dartsort_si.matching import noise_precision
+    from dartsort_si.steps import NEW_UNIT_FILTER_Z
+
+    rec, geom, template, n_before, times = _small_unit_recording(2.5, noise_decay_um=25.0, spread_um=12.0)
+    precision = noise_precision([rec.get_traces()])
+    caught = {}
+    for name, extra in (("plain", {}), ("whitened", dict(precision=precision))):
+        matcher = _small_unit_matcher(rec, geom, template, n_before, with_features=False, filter_units=[0],
+                                      filter_threshold=NEW_UNIT_FILTER_Z, **extra)
+        found = matcher.compute(rec.get_traces(), 0, rec.get_num_samples(), 0, 0)[0]["sample_index"]
+        inner = times[(times > matcher.get_margin()) & (times < rec.get_num_samples() - matcher.get_margin())]
+        caught[name] = (np.abs(inner[:, None] - found[None, :]).min(1) <= 2).mean() if len(found) else 0.0
+        assert (np.abs(found[:, None] - times[None, :]).min(1) > 2).sum() <= 2, name
+    assert caught["whitened"] > caught["plain"] + 0.2, caught
+
+
+def test_noise_precision_is_the_inverse_covariance_of_the_quiet_samples():
+    rng = np.random.default_rng(1)
+    cov = np.array([[1.0, 0.5, 0.2], [0.5, 1.0, 0.5], [0.2, 0.5, 1.0]])
+    noise = rng.standard_normal((200_000, 3)) @ np.linalg.cholesky(cov).T
+    noise[::1000, 1] += 40.0  # spikes on channel 1: left out as not quiet
+    precision = noise_precision([noise.astype(np.float32)], ridge=0.0).numpy()
+    assert np.allclose(precision @ cov, np.eye(3), atol=0.03)
+    assert noise_precision([noise[:20].astype(np.float32)]) is None  # too few samples to tell
 
 
 def _two_unit_recording(n=60_000, seed=0):
