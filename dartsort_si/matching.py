@@ -393,7 +393,7 @@ def noise_precision(chunks, quiet_z: float = NOISE_QUIET_Z, ridge: float = NOISE
         quiet = x[(x.abs() < quiet_z).all(1)]
         total = total + quiet.T @ quiet
         count += len(quiet)
-    if count < 10 * np.shape(total)[-1] or not count:
+    if not count or count < 10 * total.shape[-1]:
         return None
     cov = total / count
     return torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=cov.dtype)).float()
@@ -409,8 +409,7 @@ class WhitenedFilter:
         self.to_rank = (spatial @ precision).reshape(-1, residual.shape[1]).T  # (C, k r)
         self.proj = residual @ self.to_rank
         self.conv = matcher.convolve(self.proj, temporal)  # (k, n_t)
-        mid = self.conv.median(1, keepdim=True).values
-        self.level = z * 1.4826 * (self.conv - mid).abs().median(1, keepdim=True).values
+        self.level = z * filter_noise_sd(self.conv)[:, None]
 
     def passes(self):
         return self.conv >= self.level
@@ -430,8 +429,13 @@ def matched_filter_thresholds(norms, conv, z, threshold):
     A template of squared norm 50 meets threshold = 64 only when its filter is at 8.1 sqrt(n), and
     its spikes average 7.1 sqrt(n): it takes a fifth of them (units of SNR 2.5-4 found among the
     leftovers)."""
-    sd = 1.4826 * (conv - conv.median(1, keepdim=True).values).abs().median(1).values
-    return (2 * z * sd - norms).clamp(0, threshold)
+    return (2 * z * filter_noise_sd(conv) - norms).clamp(0, threshold)
+
+
+def filter_noise_sd(conv):
+    """(K,) noise sd of each row of (K, n_t) matched-filter outputs: their MAD, which the
+    spikes in them barely move."""
+    return 1.4826 * (conv - conv.median(1, keepdim=True).values).abs().median(1).values
 
 
 class LowRankTemplates:

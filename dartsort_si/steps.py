@@ -77,7 +77,7 @@ LEFTOVER_THRESHOLD = 5.0
 # 22 others unchanged; false-positive + redundant units 26 -> 20.
 # Since the filter is measured in the noise-whitened metric (matching.WhitenedFilter), rematch from
 # matching1 of the 24 draws: at 4.5, static seeds 1, 4, 8 and NP2 seed 1 +1 each, NP1 seed 8 -1
-# (GT 34, SNR 2.9: 28 spikes on no GT spike); at 5.0 only static seed 4 +1 and NP1 seed 8 -1.
+# (GT 34, SNR 2.9: 28 spikes on no GT spike); at 5.0 (18 draws) only static seed 4 +1, NP1 seed 8 -1.
 NEW_UNIT_FILTER_Z = 4.5
 # log-amplitude axis scale in clustering: a factor e in amplitude spans this many um
 AMPLITUDE_SCALE_UM = 50.0

@@ -211,6 +211,7 @@ def test_noise_precision_is_the_inverse_covariance_of_the_quiet_samples():
     precision = noise_precision([noise.astype(np.float32)], ridge=0.0).numpy()
     assert np.allclose(precision @ cov, np.eye(3), atol=0.03)
     assert noise_precision([noise[:20].astype(np.float32)]) is None  # too few samples to tell
+    assert noise_precision([np.full((100, 3), 9.0, np.float32)]) is None  # none quiet
 
 
 def _two_unit_recording(n=60_000, seed=0):
