@@ -680,7 +680,9 @@ def _match_pass(ctx, temps, motion_info, leftovers=False, known=None, match_unit
                            leftover_threshold=LEFTOVER_THRESHOLD if leftovers else None,
                            dedup_samples=ctx.dedup_samples, known=known, match_units=match_units,
                            filter_units=filter_units, filter_threshold=NEW_UNIT_FILTER_Z,
-                           precision=_noise_precision(ctx))
+                           # only filter units are measured in the whitened metric: without them
+                           # the covariance (a read of the fit chunks) is not needed
+                           precision=None if filter_units is None else _noise_precision(ctx))
     outs = _run_nodes(ctx, node, None, "matching")
     spikes, locs = outs[0], outs[1]
     order = np.argsort(spikes["sample_index"], kind="stable")
