@@ -68,6 +68,14 @@ LOCAL_UPDATE_LIMIT = 2.0
 # probes with few or nearly dependent channels.
 NOISE_QUIET_Z = 5.0
 NOISE_RIDGE = 0.05
+# A unit's size on the probe changes as it drifts: between contacts a unit has a fraction of the
+# energy it has on them. NP1 drifting seed 1: GT 16 (SNR 5.8) has a low-rank template energy of
+# 180-209 at displacements 0 to +5 um and 73 at -10 um; its unit took all its spikes at 0 to +10
+# and 32% at -10, where the objective's threshold (matching_threshold^2 = 64) is about its
+# energy; GT 23 (SNR 2.4) 100% at 0 and 25% at -10. So in a chunk where a unit's template, moved
+# by the drift, has a squared norm under SMALL_UNIT_FACTOR x the threshold, it is taken by its
+# matched filter as the filter units are.
+SMALL_UNIT_FACTOR = 2.0
 
 
 def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
@@ -91,7 +99,7 @@ def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
 class TemplateMatcher(PeakDetector):
     def __init__(self, recording, templates: Templates, motion_info, cfg, geometry, device="cpu",
                  with_features=True, leftover_threshold=None, dedup_samples=7, known=None, match_units=None,
-                 filter_units=None, filter_threshold=None, precision=None):
+                 filter_units=None, filter_threshold=None, precision=None, small_unit_factor=0.0):
         """leftover_threshold: also return the residual's threshold crossings at this level
         (after matching: events no template explains) as a third output, with their
         amplitude and point-source (x, z) on the residual.
@@ -108,6 +116,7 @@ class TemplateMatcher(PeakDetector):
         if filter_units is not None:
             self.filter_mask[torch.as_tensor(np.asarray(filter_units, dtype=np.int64), device=device)] = True
         self.filter_threshold = filter_threshold
+        self.small_unit_factor = small_unit_factor
         self.precision = None if precision is None else torch.as_tensor(precision, device=device)
         self.known = known
         self.match_units = None if match_units is None else torch.as_tensor(np.asarray(match_units), device=device)
@@ -278,7 +287,8 @@ class TemplateMatcher(PeakDetector):
         # GT 38 and 132 of GT 4, both SNR ~3 and well detected before)
         thresholds = torch.full_like(base_norm, self.threshold)
         white = None
-        if filter_mask is not None and filter_mask.any():
+        filter_mask = self.filter_units_here(base_norm, filter_mask)
+        if filter_mask.any():
             if self.precision is None:
                 thresholds[filter_mask] = matched_filter_thresholds(base_norm[filter_mask], conv[filter_mask],
                                                                     self.filter_threshold, self.threshold)
@@ -323,6 +333,12 @@ class TemplateMatcher(PeakDetector):
         t, u_, a, j = (torch.cat(v) for v in zip(*found))
         order = torch.argsort(t)
         return t[order], u_[order], a[order], j[order]
+
+    def filter_units_here(self, base_norm, filter_mask=None):
+        """(K,) mask of the units taken by their matched filter in this chunk: the given filter
+        units and those whose template here is small (small_unit_factor)."""
+        small = base_norm < self.small_unit_factor * self.threshold
+        return small if filter_mask is None else filter_mask | small
 
     def convolve(self, proj, temporal):
         """(K, n_t) dot products of the residual with each unit's low-rank template at every

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .config import DARTsortUserConfig, load_config
@@ -146,8 +147,12 @@ def job_kwargs_from_config(cfg: DARTsortUserConfig, device: torch.device) -> dic
     elif n < 0:
         n = max(1, (os.cpu_count() or 1) + 1 + n)
     engine = "process" if cfg.executor == "ProcessPoolExecutor" else "thread"
+    # BLAS and OpenMP pools are per process: thread workers share one, limited once for the whole
+    # sort (_run). Limited per chunk, as SpikeInterface does for max_threads_per_worker,
+    # threadpoolctl scanned the loaded libraries on every chunk (1.3% of a 60 s sort, py-spy)
+    per_worker = max(1, (os.cpu_count() or 1) // n)
     return dict(n_jobs=n, chunk_size=cfg.chunk_length_samples, pool_engine=engine, progress_bar=True,
-                max_threads_per_worker=max(1, (os.cpu_count() or 1) // n))
+                max_threads_per_worker=per_worker if engine == "process" else None)
 
 
 def resolve_device(cfg) -> torch.device:
@@ -204,11 +209,13 @@ def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est, initia
     # torch's own thread pool ignores SpikeInterface's per-worker limits: n_jobs workers
     # with a full pool each oversubscribe the cores (measured 3-5x slower on 2 cores)
     threads = torch.get_num_threads()
+    per_worker = max(1, (os.cpu_count() or 1) // job_kwargs["n_jobs"])
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) // job_kwargs["n_jobs"])))
+        torch.set_num_threads(max(1, min(threads, per_worker)))
     try:
-        return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs,
-                          initial_detection)
+        with threadpool_limits(limits=per_worker):
+            return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs,
+                              initial_detection)
     finally:
         torch.set_num_threads(threads)
 

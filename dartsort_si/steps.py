@@ -18,7 +18,7 @@ from .motion_info import MotionInfo
 from .sorting import DARTsortSorting, write_peeling_hdf5
 from .denoisers import make_denoiser
 from .localization import localize_amplitude_vectors
-from .matching import TemplateMatcher, could_take_spikes, noise_precision, time_locked_echoes
+from .matching import SMALL_UNIT_FACTOR, TemplateMatcher, could_take_spikes, noise_precision, time_locked_echoes
 from .motion import MotionNotEstimable, estimate_motion, plot_drift_raster
 from .channels import make_channel_index
 from .storage import atomic_path, atomic_savez
@@ -42,6 +42,12 @@ DEDUP_MS = 0.25
 GREEDY_NEW_FACTOR = 10
 # matching the leftover units again without the greedy ones (_match_new_units): at most this many passes
 MAX_REMATCHES = 2
+# Before the rematch over the whole recording, the new units are matched on this fraction of its
+# chunks (spread evenly, at least GREEDY_PROBE_MIN_CHUNKS) and those whose count, scaled up, is
+# greedy are left out (_greedy_on_a_sample). 300 s x 128 ch NP1 drifting: a new unit of 25
+# leftover events took 1244 spikes and the whole rematch ran again without it (matching 48 -> 65 s).
+GREEDY_PROBE_FRACTION = 0.1
+GREEDY_PROBE_MIN_CHUNKS = 5
 MIN_UNIT_SPIKES = 20
 # events this close to a 3x bigger one are left out of clustering (clustering.echo_mask)
 ECHO_MS = 0.5
@@ -579,6 +585,9 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info):
     left out and the rest matched again; if an old unit gains spikes, the first pass stands
     (_greedy_units)."""
     n_old = temps.n_units
+    new = new.subset(~np.isin(np.arange(new.n_units), _greedy_on_a_sample(ctx, temps, new, spikes, motion_info)))
+    if not new.n_units:
+        return temps, spikes, locs
     for _ in range(MAX_REMATCHES):
         more, both, both_locs = _rematch(ctx, temps, new, spikes, locs, motion_info)
         greedy_old, greedy_new = _greedy_units(spikes, both, n_old, new.counts)
@@ -594,14 +603,36 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info):
     return more, both[keep], both_locs[keep]
 
 
-def _rematch(ctx, temps, new, spikes, locs, motion_info):
+def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info):
+    """Indices of the new units that are greedy (_greedy_units) on an even sample of the chunks
+    (GREEDY_PROBE_FRACTION), their counts scaled to the whole recording; none when the recording
+    has too few chunks for a sample to tell (the rematch over all of it is then short anyway)."""
+    slices = _chunk_slices(ctx)
+    n_probe = int(GREEDY_PROBE_FRACTION * len(slices))
+    if n_probe < GREEDY_PROBE_MIN_CHUNKS:
+        return np.zeros(0, int)
+    sample = [slices[i] for i in np.linspace(0, len(slices) - 1, n_probe).round().astype(int)]
+    n_samples = sum(end - start for _, start, end in sample)
+    extra = _rematch(ctx, temps, new, spikes, None, motion_info, slices=sample)[1]
+    counts = np.bincount(extra["unit_index"], minlength=temps.n_units + new.n_units)[temps.n_units:]
+    scaled = counts * ctx.rec.get_num_samples(0) / n_samples
+    greedy = np.flatnonzero(scaled > GREEDY_NEW_FACTOR * np.asarray(new.counts, float) + 20)
+    if len(greedy):
+        logger.info("dartsort: new units %s greedy on %d sampled chunks (%s events -> %s spikes there); left out",
+                    greedy.tolist(), n_probe, np.asarray(new.counts)[greedy].tolist(), counts[greedy].tolist())
+    return greedy
+
+
+def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
     """(templates, spikes, localizations) of matching the new units on the first pass's residual
     together with the old units that could have taken their spikes in the first pass
     (matching.could_take_spikes): the other old units' spikes are subtracted chunk by chunk and
     kept as they are.
     Matching again with every template took as long as the first pass (10-12 s of a 60 s x
     128 ch sort); matching the new units alone left their spikes with the old units that took
-    them in the first pass (NP1 drifting seed 1: an SNR-6 unit kept 7 spikes of an SNR-2 one)."""
+    them in the first pass (NP1 drifting seed 1: an SNR-6 unit kept 7 spikes of an SNR-2 one).
+    With slices (a sample of the chunks), only what this pass matched there: (templates, spikes,
+    localizations) of the units in redo."""
     more = temps.concat(new)
     n_old = temps.n_units
     data = torch.as_tensor(more.data)
@@ -610,7 +641,9 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info):
     redo = np.r_[np.flatnonzero(near), np.arange(n_old, more.n_units)]
     kept = ~near[spikes["unit_index"]]
     extra, extra_locs = _match_pass(ctx, more, motion_info, known=spikes[kept], match_units=redo,
-                                    filter_units=np.arange(n_old, more.n_units))
+                                    filter_units=np.arange(n_old, more.n_units), slices=slices)
+    if slices is not None:  # a sample of the chunks: only what was matched there
+        return more, extra, extra_locs
     both = np.concatenate([spikes[kept], extra])
     order = np.argsort(both["sample_index"], kind="stable")
     logger.info("dartsort: %d new units matched with the %d old units that could take their spikes",
@@ -672,18 +705,17 @@ def _spikes_of_kept_new_units(spikes, n_old, new_counts):
     return ~np.isin(spikes["unit_index"], weak)
 
 
-def _match_pass(ctx, temps, motion_info, leftovers=False, known=None, match_units=None, filter_units=None):
-    """(spikes, localizations[, leftover events]) of one matching pass, spikes in time order
-    (known, match_units: see TemplateMatcher; filter_units: the units found among the leftovers,
-    also taken at NEW_UNIT_FILTER_Z)."""
+def _match_pass(ctx, temps, motion_info, leftovers=False, known=None, match_units=None, filter_units=None,
+                slices=None):
+    """(spikes, localizations[, leftover events]) of one matching pass over the chunks in slices
+    (None: all), spikes in time order (known, match_units: see TemplateMatcher; filter_units: the
+    units found among the leftovers, also taken at NEW_UNIT_FILTER_Z)."""
     node = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device,
                            leftover_threshold=LEFTOVER_THRESHOLD if leftovers else None,
                            dedup_samples=ctx.dedup_samples, known=known, match_units=match_units,
                            filter_units=filter_units, filter_threshold=NEW_UNIT_FILTER_Z,
-                           # only filter units are measured in the whitened metric: without them
-                           # the covariance (a read of the fit chunks) is not needed
-                           precision=None if filter_units is None else _noise_precision(ctx))
-    outs = _run_nodes(ctx, node, None, "matching")
+                           precision=_noise_precision(ctx), small_unit_factor=SMALL_UNIT_FACTOR)
+    outs = _run_nodes(ctx, node, slices, "matching")
     spikes, locs = outs[0], outs[1]
     order = np.argsort(spikes["sample_index"], kind="stable")
     out = (spikes[order], locs[order])

@@ -60,6 +60,7 @@ def test_no_small_template_is_fitted_to_a_bigger_spike_picked_in_the_same_round(
     b[25:] = 0.5 * a[: length - 25]
     matcher = TemplateMatcher.__new__(TemplateMatcher)  # peeling needs no recording
     matcher.threshold, matcher.prior, matcher.boundary, matcher.n_before = 64.0, 100.0, 1 / 3, 20
+    matcher.small_unit_factor = 0.0
     traces = torch.zeros(3000, n_chans)
     starts = range(100, 2900, 300)
     for s in starts:
@@ -184,6 +185,29 @@ def test_units_found_by_the_matched_filter_are_matched_by_it():
     assert caught["decrease"] < 0.6 and caught["filter"] > 0.9, caught
 
 
+def test_a_unit_small_in_a_chunk_is_taken_by_its_matched_filter_there():
+    # a unit of the first pass (no filter unit) whose template in this chunk has a squared norm
+    # under SMALL_UNIT_FACTOR x matching_threshold^2, as a drifting unit between contacts: its
+    # matched filter takes nearly all its spikes, the decrease alone a minority; a big unit's
+    # template is not a filter unit
+    from dartsort_si.matching import SMALL_UNIT_FACTOR
+    from dartsort_si.steps import NEW_UNIT_FILTER_Z
+
+    rec, geom, template, n_before, times = _small_unit_recording(1.75)
+    caught = {}
+    for factor in (0.0, SMALL_UNIT_FACTOR):
+        matcher = _small_unit_matcher(rec, geom, template, n_before, with_features=False,
+                                      filter_threshold=NEW_UNIT_FILTER_Z, small_unit_factor=factor)
+        found = matcher.compute(rec.get_traces(), 0, rec.get_num_samples(), 0, 0)[0]["sample_index"]
+        inner = times[(times > matcher.get_margin()) & (times < rec.get_num_samples() - matcher.get_margin())]
+        caught[factor] = (np.abs(inner[:, None] - found[None, :]).min(1) <= 2).mean() if len(found) else 0.0
+        assert (np.abs(found[:, None] - times[None, :]).min(1) > 2).sum() <= 2, factor
+    assert caught[0.0] < 0.6 and caught[SMALL_UNIT_FACTOR] > 0.9, caught
+    norms = torch.tensor([50.0, 127.0, 129.0, 400.0])
+    mask = matcher.filter_units_here(norms, torch.tensor([False, False, False, True]))
+    assert mask.tolist() == [True, True, False, True]
+
+
 def test_in_correlated_noise_the_whitened_filter_finds_more_of_a_small_units_spikes():
     # noise correlated between neighbouring channels (25 um decay) hides a small unit's spikes
     # from the plain matched filter more than from the whitened one (matching.noise_precision)
@@ -304,3 +328,35 @@ def test_units_that_match_almost_nothing_are_dropped_with_their_spikes():
     spikes["unit_index"][:12] = 2
     kept, _ = _without_tiny_units(spikes, locs, np.array([7, 8, 7]))
     assert len(kept) == len(spikes)
+
+
+def test_a_greedy_new_unit_is_left_out_after_a_sample_of_the_chunks(monkeypatch):
+    # the rematch on an even tenth of the chunks: a new unit matching 50 spikes per 1 s chunk from
+    # 30 leftover events (3000 over the recording) is greedy, one matching one per chunk (60) is not
+    from types import SimpleNamespace
+
+    from dartsort_si import steps
+    from dartsort_si.matching import spike_dtype
+    from dartsort_si.templates import Templates
+
+    fs, n_chunks = 30_000, 60
+    rec = SimpleNamespace(get_num_samples=lambda segment=0: n_chunks * fs)
+    ctx = SimpleNamespace(rec=rec, cfg=SimpleNamespace(chunk_length_samples=fs))
+    seen = []
+
+    def rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
+        seen.extend(start // fs for _, start, _ in slices)
+        units = [2] * 50 + [3]  # templates 0, 1 old; 2, 3 new
+        extra = np.zeros(len(units) * len(slices), dtype=spike_dtype)
+        extra["unit_index"] = units * len(slices)
+        return None, extra, None
+
+    monkeypatch.setattr(steps, "_rematch", rematch)
+    old = Templates(np.zeros((2, 4, 3), np.float32), np.array([0, 1]), np.array([100, 100]), 1)
+    new = Templates(np.zeros((2, 4, 3), np.float32), np.array([5, 6]), np.array([30, 30]), 1)
+    greedy = steps._greedy_on_a_sample(ctx, old, new, None, None)
+    assert greedy.tolist() == [0]
+    assert len(seen) == int(steps.GREEDY_PROBE_FRACTION * n_chunks) and seen[0] == 0 and seen[-1] == n_chunks - 1
+    # too few chunks for a sample to tell: no probe
+    rec.get_num_samples = lambda segment=0: 20 * fs
+    assert steps._greedy_on_a_sample(ctx, old, new, None, None).tolist() == []
