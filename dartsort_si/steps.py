@@ -616,7 +616,7 @@ def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info):
     extra = _rematch(ctx, temps, new, spikes, None, motion_info, slices=sample)[1]
     counts = np.bincount(extra["unit_index"], minlength=temps.n_units + new.n_units)[temps.n_units:]
     scaled = counts * ctx.rec.get_num_samples(0) / n_samples
-    greedy = np.flatnonzero(scaled > GREEDY_NEW_FACTOR * np.asarray(new.counts, float) + 20)
+    greedy = np.flatnonzero(_over_new_unit_limit(scaled, new.counts))
     if len(greedy):
         logger.info("dartsort: new units %s greedy on %d sampled chunks (%s events -> %s spikes there); left out",
                     greedy.tolist(), n_probe, np.asarray(new.counts)[greedy].tolist(), counts[greedy].tolist())
@@ -681,17 +681,21 @@ def _greedy_units(before, after, n_old, new_events):
     (+20). A leftover cluster made of what matching failed to subtract from big units instead
     pulled tens of thousands of spikes into a loop between templates (60 s x 128 ch NP2:
     11,290 -> 180,179 spikes)."""
-    new_sizes = GREEDY_NEW_FACTOR * np.asarray(new_events, float)
     old_before = np.bincount(before["unit_index"], minlength=n_old)
-    counts_after = np.bincount(after["unit_index"], minlength=n_old + len(new_sizes))
+    counts_after = np.bincount(after["unit_index"], minlength=n_old + len(new_events))
     greedy_old = np.flatnonzero(counts_after[:n_old] > 1.5 * old_before + 20)
-    greedy_new = np.flatnonzero(counts_after[n_old:] > new_sizes + 20)
+    greedy_new = np.flatnonzero(_over_new_unit_limit(counts_after[n_old:], new_events))
     if len(greedy_old) or len(greedy_new):
         logger.info("dartsort: greedy units in the rematch: old %s (%s -> %s spikes), new %s (%s events -> %s)",
                     greedy_old.tolist(), old_before[greedy_old].tolist(), counts_after[greedy_old].tolist(),
                     greedy_new.tolist(), np.asarray(new_events)[greedy_new].tolist(),
                     counts_after[n_old + greedy_new].tolist())
     return greedy_old, greedy_new
+
+
+def _over_new_unit_limit(counts, new_events):
+    """Mask of new units whose spike counts are over GREEDY_NEW_FACTOR times their leftover events (+20)."""
+    return np.asarray(counts, float) > GREEDY_NEW_FACTOR * np.asarray(new_events, float) + 20
 
 
 def _spikes_of_kept_new_units(spikes, n_old, new_counts):
