@@ -20,7 +20,7 @@ from spikeinterface.core.node_pipeline import PeakDetector
 
 from . import waveforms as wf
 from .localization import localize_amplitude_vectors
-from .templates import Kriging, Templates, drift_steps, interpolation_reach
+from .templates import DRIFT_STEP_UM, Kriging, Templates, drift_steps, interpolation_reach, superres_bins
 
 spike_dtype = np.dtype([
     ("sample_index", "int64"), ("channel_index", "int64"), ("amplitude", "float32"),
@@ -34,6 +34,11 @@ leftover_dtype = np.dtype([
 ])
 
 SVD_RANK = 5
+# a unit's drift-binned mean of n spikes (templates.SUPERRES_BIN_UM) is weighted n / (n + this)
+# against its kriged registered template where the unit sits in that bin: a bin of 20 spikes
+# counts half. Not tuned; a bin's mean is projected on the unit's SVD_RANK temporal factors, so
+# its noise (about rank x channels / n in squared norm) is small next to a unit's energy
+SUPERRES_PRIOR_SPIKES = 20.0
 MAX_ITERATIONS = 200
 REFRACTORY_SAMPLES = 10
 OVERLAP_PTP = 0.5
@@ -80,6 +85,10 @@ NOISE_RIDGE = 0.05
 # 89-138), also took 107 spikes of GT 17 (SNR 2.2, 25 um away) and fell from 0.80 to 0.64. Requiring
 # such a unit's spikes to bring the residual down by half the template's squared norm (filter units
 # need only a decrease) kept GT 16 at 0.78 but undid the gains of NP1 seeds 1 and 2 (10 draws run).
+# Part of that smallness was kriging's (templates.SUPERRES_BIN_UM: GT 16's template now has squared
+# norms 90-182 over the recording, against 89-138); with the drift-binned templates this filter
+# still pays: without it (rematch from templates1 of the 24 draws) NP1 seeds 2 and 7 lost a unit
+# (GT 25, SNR 2.3, split; GT 32, SNR 4.1, 0.89 -> 0.78) and seed 1 gained one (GT 16).
 SMALL_UNIT_FACTOR = 2.0
 
 
@@ -154,6 +163,8 @@ class TemplateMatcher(PeakDetector):
         self.unit_reg_depths = rgeom[templates.main_channels(), 1]
         # real channel c of a unit displaced by d reads the registered template at geom[c] - d
         self.kriging = Kriging(rgeom, motion_info.geom, interpolation_reach(motion_info.geom))
+        self.bin_spatial, self.bin_weight = superres_factors(templates, temporal, self.spatial_reg)
+        self._pitch_maps = {}
         if leftover_threshold is not None:
             self.prototype = torch.as_tensor(prototype_waveform(templates), device=device)
             self.spatial = torch.as_tensor(gaussian_weights(motion_info.geom, LEFTOVER_SIGMA_UM), device=device)
@@ -173,7 +184,24 @@ class TemplateMatcher(PeakDetector):
         out = np.zeros(self.spatial_reg.shape[:2] + (len(self.motion_info.geom),), np.float32)
         for d in np.unique(drift):
             out[drift == d] = self.kriging.at_drift(self.spatial_reg[drift == d], d)
+        if self.bin_spatial is not None:
+            self._with_drift_bins(out, drift)
         return LowRankTemplates(self.temporal_up, torch.as_tensor(out, device=self.device))
+
+    def _with_drift_bins(self, out, drift):
+        """Blend into out (K, r, C) each unit's drift-binned template (superres_factors) for the
+        bin its drift falls in, moved by whole pitches onto the real channels."""
+        pitches, bins = superres_bins(drift * DRIFT_STEP_UM, self.motion_info.pitch)
+        for k in np.unique(pitches):
+            if int(k) not in self._pitch_maps:
+                self._pitch_maps[int(k)] = self.motion_info.registered_channel_map(int(k))
+            chans = self._pitch_maps[int(k)]
+            on = np.flatnonzero(chans >= 0)
+            units = np.flatnonzero(pitches == k)
+            w = self.bin_weight[units, bins[units]][:, None, None]
+            binned = self.bin_spatial[units, bins[units]][:, :, chans[on]]
+            out[units[:, None, None], np.arange(out.shape[1])[None, :, None], on[None, None, :]] = (
+                w * binned + (1 - w) * out[units][:, :, on])
 
     def compute(self, traces, start_frame, end_frame, segment_index, max_margin):
         x = torch.as_tensor(np.asarray(traces, dtype=np.float32), device=self.device)
@@ -527,6 +555,18 @@ def low_rank_factors(data: np.ndarray, rank: int, counts=None):
         keep[:, 0] = True
         s = s * keep
     return u.transpose(0, 2, 1).astype(np.float32), (s[:, :, None] * vh).astype(np.float32)
+
+
+def superres_factors(templates: Templates, temporal: np.ndarray, spatial: np.ndarray):
+    """(spatial factors (K, B, r, R) of the drift-binned templates on the units' temporal factors
+    (K, r, L), weights (K, B) of the bins against the kriged template) or (None, None) without bins.
+    Components dropped from the unit's template (low_rank_factors) stay dropped."""
+    if templates.bins is None or not templates.n_units:
+        return None, None
+    binned = np.einsum("krl,kblc->kbrc", temporal, templates.bins).astype(np.float32)
+    binned *= (np.abs(spatial).sum(-1) > 0)[:, None, :, None]
+    n = np.asarray(templates.bin_counts, np.float32)
+    return binned, n / (n + SUPERRES_PRIOR_SPIKES)
 
 
 def prototype_waveform(templates: Templates) -> np.ndarray:

@@ -118,6 +118,12 @@ DRIFT_PIECE_MIN_SHIFT_UM = 5.0
 # 0.01-0.14 of their displacements (one 11-spike impure piece 0.55), different units 0.40-0.95.
 DRIFT_PIECE_SHARED = 0.25
 DRIFT_PIECE_BIN_UM = 2.0
+# On matched spikes (drift_piece_units(..., where_shared=True)) two pieces are compared where both
+# fired, when each has this many spikes in the displacement range they share: their amplitudes
+# follow their drift-binned templates, which change fast with displacement near the probe
+# (NP1 drifting seed 5, GT 22: 14.5 at -12 um, 22.5 at -6 um, 34 at +5 um; 14.5 against 17.8 for
+# the two pieces at -12..-9 um)
+DRIFT_PIECE_SHARED_MIN_SPIKES = 5
 
 
 class RegisteredFeatures:
@@ -376,6 +382,8 @@ def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_ch
     counts = [float(c) for c in temps.counts]
     main = list(temps.main_channels())
     alive = list(range(temps.n_units))
+    bins = None if temps.bins is None else list(temps.bins)
+    bin_counts = None if temps.bins is None else list(temps.bin_counts)
     spikes = [np.sort(np.asarray(t)) for t in times] if times is not None and refractory is not None else None
 
     def distance(i, j):
@@ -394,6 +402,8 @@ def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_ch
         weights = np.array([counts[i], counts[j]]) + 1e-9
         data[i] = (data[i] * weights[0] + data[j] * weights[1]) / weights.sum()
         counts[i] += counts[j]
+        if bins is not None:
+            bins[i], bin_counts[i] = _merged_bins(bins[i], bin_counts[i], bins[j], bin_counts[j])
         main[i] = int(_ptp(data[i]).argmax())
         if spikes is not None:
             spikes[i] = np.sort(np.concatenate([spikes[i], spikes[j]]))
@@ -404,8 +414,16 @@ def merge_templates(temps: Templates, *, amplitude_boundary, max_shift=3, max_ch
         return temps
     logger.info("dartsort: merged %d units into %d", temps.n_units, len(alive))
     merged = np.stack([data[i].numpy() for i in alive]).astype(np.float32)
+    if bins is not None:
+        bins, bin_counts = np.stack([bins[i] for i in alive]), np.stack([bin_counts[i] for i in alive])
     return Templates(merged, temps.unit_ids[alive], np.array([counts[i] for i in alive]).astype(temps.counts.dtype),
-                     temps.n_before)
+                     temps.n_before, bins, bin_counts)
+
+
+def _merged_bins(a, na, b, nb):
+    """Drift-binned means (B, L, R) of two units joined: per bin, the count-weighted mean."""
+    w = (na / np.maximum(na + nb, 1))[:, None, None]
+    return (a * w + b * (1 - w)).astype(np.float32), na + nb
 
 
 def template_distance(a, b, amplitude_boundary, max_shift=3):
@@ -546,7 +564,7 @@ def drop_known(new: Templates, known: Templates, rgeom, *, amplitude_boundary, r
 # -- one unit, several templates
 
 
-def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refractory):
+def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refractory, where_shared=False):
     """Unit id per cluster (an array indexed by cluster id): clusters that are the
     pieces of one neuron at different probe displacements share a unit.
 
@@ -562,7 +580,8 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
     piece at an extreme displacement is disjoint from every unit around it, and
     only its own unit meets it at its amplitude. Pieces keep their own
     templates (which fit their displacement range better than an average
-    would) and share an output unit.
+    would) and share an output unit. where_shared: amplitudes are compared where
+    both pieces fired, if they did (DRIFT_PIECE_SHARED_MIN_SPIKES).
     """
     ids = np.unique(labels[labels >= 0])
     units = np.arange(ids.max() + 1 if len(ids) else 0)
@@ -570,7 +589,7 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
         return units
     groups = {int(u): np.flatnonzero(labels == u) for u in ids}
     while True:
-        best = _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory)
+        best = _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory, where_shared)
         pairs = [(a, b) for a, (b, _) in best.items() if a < b and best.get(b, (None,))[0] == a]
         if not pairs:
             break
@@ -625,7 +644,7 @@ def pieces_of_known_units(labels, units, first_new, x, z_reg, drift_um, amplitud
     return out
 
 
-def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory):
+def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory, where_shared=False):
     """{group: (partner, amplitude mismatch)}: each group's best drift-piece partner."""
     keys = list(groups)
     centres = np.array([[np.median(x[groups[k]]), np.median(z_reg[groups[k]])] for k in keys])
@@ -634,7 +653,7 @@ def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refracto
     for i, j in zip(*np.nonzero(np.triu(close, 1))):
         a, b = keys[i], keys[j]
         ma, mb = groups[a], groups[b]
-        mismatch = _drift_piece_mismatch(drift_um[ma], drift_um[mb], amplitudes[ma], amplitudes[mb])
+        mismatch = _drift_piece_mismatch(drift_um[ma], drift_um[mb], amplitudes[ma], amplitudes[mb], where_shared)
         if mismatch is None or _refractory_breach(times[ma], times[mb], refractory, amplitudes[ma], amplitudes[mb]):
             continue
         for u, v in ((a, b), (b, a)):
@@ -643,17 +662,25 @@ def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refracto
     return best
 
 
-def _drift_piece_mismatch(drift_a, drift_b, amps_a, amps_b):
+def _drift_piece_mismatch(drift_a, drift_b, amps_a, amps_b, where_shared=False):
     """Amplitude ratio (>= 1) where the displacement ranges of two pieces meet, or
     None when they are not pieces of one unit (ranges overlap, or amplitudes disagree)."""
     if abs(np.median(drift_a) - np.median(drift_b)) < DRIFT_PIECE_MIN_SHIFT_UM:
         return None
     if shared_displacements(drift_a, drift_b) > DRIFT_PIECE_SHARED:
         return None
-    near_a = np.median(amps_a[_facing(drift_a, drift_b)])
-    near_b = np.median(amps_b[_facing(drift_b, drift_a)])
+    in_a, in_b = _in_shared_range(drift_a, drift_b) if where_shared else (None, None)
+    if in_a is None or min(in_a.sum(), in_b.sum()) < DRIFT_PIECE_SHARED_MIN_SPIKES:
+        in_a, in_b = _facing(drift_a, drift_b), _facing(drift_b, drift_a)
+    near_a, near_b = np.median(amps_a[in_a]), np.median(amps_b[in_b])
     ratio = max(near_a, near_b) / max(min(near_a, near_b), 1e-9)
     return ratio if ratio <= DRIFT_PIECE_MAX_RATIO else None
+
+
+def _in_shared_range(drift_a, drift_b):
+    """Masks of each piece's spikes inside the displacement range both cover."""
+    lo, hi = max(drift_a.min(), drift_b.min()), min(drift_a.max(), drift_b.max())
+    return (drift_a >= lo) & (drift_a <= hi), (drift_b >= lo) & (drift_b <= hi)
 
 
 def _facing(drift, other, percent=DRIFT_PIECE_EDGE_PERCENT):

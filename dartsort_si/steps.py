@@ -540,7 +540,7 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
             features["template_labels"] = temps.unit_ids[spikes["unit_index"]]
             # the templates these spikes were matched with (new units included): the analyzer's
             # templates and amplitudes come from them (analyzer.py)
-            temps.save(ctx.out / f"matched_templates{i}.npz")
+            temps.save(ctx.out / f"matched_templates{i}.npz", with_bins=False)
             write_peeling_hdf5(path, times_samples=spikes["sample_index"], channels=spikes["channel_index"],
                                labels=units[spikes["unit_index"]], sampling_frequency=ctx.fs,
                                geom=ctx.geometry.geom, features=features)
@@ -550,14 +550,25 @@ def match(ctx, sorting, motion_info, i) -> DARTsortSorting:
 def _join_drift_pieces(ctx, first, n_old, spikes, locs, units, motion_info):
     """Output unit per template, with the units found among the leftovers (templates from n_old
     on; the first pass's n_old templates matched `first`) that are drift pieces of a known unit
-    joined to it (refinement.pieces_of_known_units)."""
-    if len(units) == n_old:
-        return units
+    joined to it (refinement.pieces_of_known_units), then output units that are drift pieces of
+    each other on their matched spikes (refinement.drift_piece_units). The clustering joins
+    pieces on the detections; matched with drift-binned templates, two pieces the clustering
+    kept apart each take the displacements they fit (NP1 drifting seed 5: GT 22, SNR 22, as
+    two units of 374 and 97 spikes at displacements above and below -5 um)."""
     z_reg = motion_info.correct_s(spikes["sample_index"] / ctx.fs, locs[:, 2])
-    return refinement.pieces_of_known_units(
-        spikes["unit_index"], units, n_old, locs[:, 0], z_reg, locs[:, 2] - z_reg, spikes["amplitude"],
-        times=spikes["sample_index"], refractory=_refractory(ctx),
-        taken_from=_taken_from(first, spikes, units, n_old, ctx.dedup_samples))
+    drift = locs[:, 2] - z_reg
+    kw = dict(times=spikes["sample_index"], refractory=_refractory(ctx))
+    if len(units) > n_old:
+        units = refinement.pieces_of_known_units(
+            spikes["unit_index"], units, n_old, locs[:, 0], z_reg, drift, spikes["amplitude"],
+            taken_from=_taken_from(first, spikes, units, n_old, ctx.dedup_samples), **kw)
+    if not len(spikes):
+        return units
+    joined = refinement.drift_piece_units(units[spikes["unit_index"]], locs[:, 0], z_reg, drift,
+                                          spikes["amplitude"], where_shared=True, **kw)
+    unit_of = np.arange(max(int(units.max(initial=-1)) + 1, len(joined)))  # units without spikes stay
+    unit_of[:len(joined)] = joined
+    return unit_of[units]
 
 
 def _taken_from(first, spikes, units, n_old, tolerance):
@@ -762,11 +773,10 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id) -> 
     # kept for crossing a threshold, the events average bigger than their unit
     factors = [refinement.selection_bias_factor(leftovers["score"][labels == u], LEFTOVER_THRESHOLD)
                for u in new.unit_ids]
-    new = Templates(new.data * np.asarray(factors, np.float32)[:, None, None], new.unit_ids, new.counts,
-                    new.n_before)
+    new = new.scaled(factors)
     # and once shrunk, a template must still be no known unit's
     new = _unexplained(ctx, new, temps, motion_info)
-    new = Templates(new.data, np.arange(first_id, first_id + new.n_units), new.counts, new.n_before)
+    new = new.renumbered(np.arange(first_id, first_id + new.n_units))
     logger.info("dartsort: %d new units from %d events no template explained", new.n_units, len(leftovers))
     return new
 

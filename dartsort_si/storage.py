@@ -45,10 +45,10 @@ def _fsync(path):
         os.fsync(f.fileno())
 
 
-def atomic_savez(path, **arrays):
+def atomic_savez(path, compressed=False, **arrays):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
 
 
 def to_numpy(x):

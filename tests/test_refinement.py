@@ -612,3 +612,28 @@ def test_small_neighbours_at_two_places_stay_two_units(refine):
     out = refine(labels, xz[:, 0], xz[:, 1], rf, times=times, amplitude_boundary=BOUND, refractory=REFRACTORY)
     assert out.max() == 1
     assert _purity(out, truth) > 0.9
+
+
+def test_matched_drift_pieces_are_compared_where_both_fired():
+    """NP1 drifting seed 5, GT 22 (SNR 22) after matching with drift-binned templates: one piece
+    at -18..-9 um of displacement, the other at -12..+15 um, few spikes of either in -12..-9, the
+    unit's amplitude flat below -12 um and climbing steeply above (near the probe). Their facing
+    edges (the 20% of each piece nearest the other) sit at different displacements and differ
+    over 1.5x; where both fired (-12..-9 um) they agree. Compared there (where_shared, for matched
+    spikes) they are one unit; a neuron in the same place at half the amplitude stays apart."""
+    rng = np.random.default_rng(5)
+    low = np.concatenate([rng.uniform(-18, -12, 90), rng.uniform(-12, -9, 15)])
+    high = np.concatenate([rng.uniform(-12, -9, 15), rng.uniform(-9, 15, 360)])
+    other = rng.uniform(-18, -9, 100)
+    drift = np.concatenate([low, high, other])
+    labels = np.repeat([0, 1, 2], [len(low), len(high), len(other)])
+    x = 27.0 + rng.normal(0, 2, len(drift))
+    z = 230.0 + rng.normal(0, 2, len(drift))
+    climbing = np.clip(14.5 + 2.2 * (drift + 12.0), 14.5, 34.0)
+    amps = np.where(labels == 2, 0.5, 1.0) * climbing * rng.uniform(0.95, 1.05, len(drift))
+    # the probe moves steadily: each displacement has its time
+    times = ((drift + 18.0) / 33.0 * (REFRACTORY[2] - 1)).astype(np.int64)
+    shared = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY, where_shared=True)
+    assert shared[0] == shared[1] != shared[2]
+    facing = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
+    assert facing[0] != facing[1]

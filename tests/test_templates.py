@@ -103,3 +103,47 @@ def test_channels_within_noise_of_a_mean_template_are_zeroed():
     assert strong.sum() >= 3 and (ptp[strong] > 0).all()
     assert (ptp[distance > 150] == 0).all()
     assert (ptp[distance < 60] > 0).all()  # weak values near the unit stay
+
+
+def test_a_drifted_unit_is_matched_with_its_own_footprint_there():
+    """A unit 10 um off the contacts it was first seen on (half the 20 um row spacing): the
+    kriged registered template loses energy there (interpolation smooths a sharp footprint);
+    the drift-binned template, read on channels moved by whole pitches, keeps the real one."""
+    from dartsort_si.config import load_config
+    from dartsort_si.matching import TemplateMatcher
+    from dartsort_si.subtraction import Geometry
+
+    geom, drift_um, height = np1_geom(), 10.0, 12.0
+    rng = np.random.default_rng(1)
+    n = int(12.0 * FS)
+    traces = 0.2 * rng.standard_normal((n, len(geom))).astype(np.float32)
+    t = np.arange(-N_BEFORE, N_AFTER)
+    shape = -np.exp(-0.5 * (t / 3.0) ** 2) + 0.3 * np.exp(-0.5 * ((t - 12) / 6.0) ** 2)
+    times = np.sort(rng.choice(np.arange(1000, n - 1000, 200), 300, replace=False))
+    late = times >= n // 2
+    wave = {False: 10 * shape[:, None] * footprint(geom, np.array([30.0, 230.0]), height)[None, :],
+            True: 10 * shape[:, None] * footprint(geom, np.array([30.0, 230.0 - drift_um]), height)[None, :]}
+    for s, is_late in zip(times, late):
+        traces[s - N_BEFORE: s + N_AFTER] += wave[bool(is_late)]
+    rec = sc.NumpyRecording(traces, FS)
+    rec.set_dummy_probe_from_locations(geom)
+    bins = np.arange(0.5, 12.0, 1.0)
+    est = get_motion_estimate(np.where(bins < 6.0, 0.0, -drift_um), time_bin_centers_s=bins)
+    motion = MotionInfo.from_motion_est(geom=geom, dredge_motion_est=est)
+    temps = estimate_templates(rec, times, np.zeros(len(times), int), motion,
+                               depths_um=np.where(late, 230.0 - drift_um, 230.0), n_before=N_BEFORE,
+                               n_after=N_AFTER, job_kwargs=dict(n_jobs=1, progress_bar=False))
+    cfg = load_config({})
+
+    def error_late(templates):
+        matcher = TemplateMatcher(rec, templates, motion, cfg, Geometry.build(geom, cfg))
+        placed = matcher.chunk_templates(9.0).base()[0].numpy()
+        truth = wave[True]
+        return np.linalg.norm(placed - truth) / np.linalg.norm(truth), (placed ** 2).sum() / (truth ** 2).sum()
+
+    binned, binned_energy = error_late(temps)
+    kriged, kriged_energy = error_late(Templates(temps.data, temps.unit_ids, temps.counts, temps.n_before))
+    print(f"10 um off: relative error binned {binned:.3f} (energy {binned_energy:.2f}), "
+          f"kriged {kriged:.3f} (energy {kriged_energy:.2f})")
+    assert binned < 0.1 and binned_energy > 0.9
+    assert kriged > 2 * binned
