@@ -296,8 +296,9 @@ class _SumGather:
         if res is not None:
             self.sums += res[0]
             self.counts += res[1]
-            self.bin_sums += res[2]
-            self.bin_counts += res[3]
+            rows = res[2]
+            self.bin_sums[rows] += res[3]
+            self.bin_counts[rows] += res[4]
 
 
 def _template_init(recording, spikes, maps, pitch_maps, n_before, n_after, n_units, n_bins, n_reg):
@@ -328,14 +329,17 @@ def _template_chunk(segment_index, start_frame, end_frame, ctx):
         registered = snips[sel] @ torch.as_tensor(w).T  # (n, L, R)
         sums.index_add_(0, units[sel], registered.double())
         counts.index_add_(0, units[sel], torch.as_tensor(ok, dtype=torch.int64).expand(len(sel), -1).contiguous())
-    bin_sums, bin_counts = _bin_sums(snips, s["pitches"][lo:hi], torch.as_tensor(s["bins"][lo:hi]), ctx)
-    return sums.numpy(), counts.numpy(), bin_sums.numpy(), bin_counts.numpy()
+    rows, rows_of = np.unique(s["bins"][lo:hi], return_inverse=True)
+    bin_sums, bin_counts = _bin_sums(snips, s["pitches"][lo:hi], torch.as_tensor(rows_of.ravel()), len(rows), ctx)
+    return sums.numpy(), counts.numpy(), rows, bin_sums.numpy(), bin_counts.numpy()
 
 
-def _bin_sums(snips, pitches, bins, ctx):
-    """Per-(unit, drift bin) sums of the snippets put on the registered channels by whole-pitch
-    moves (superres_bins), and per channel the number of snippets summed."""
-    n_rows, n_reg = ctx["n_units"] * ctx["n_bins"], ctx["n_reg"]
+def _bin_sums(snips, pitches, rows_of, n_rows, ctx):
+    """Sums of the snippets, put on the registered channels by whole-pitch moves
+    (superres_bins), into n_rows (the chunk's (unit, drift bin) rows: rows_of per snippet),
+    and per channel the number of snippets summed. Only the rows in the chunk: whole arrays
+    per chunk made the bins cost more than the templates."""
+    n_reg = ctx["n_reg"]
     sums = torch.zeros((n_rows, snips.shape[1], n_reg), dtype=torch.float32)
     counts = torch.zeros((n_rows, n_reg), dtype=torch.int64)
     for k in np.unique(pitches):
@@ -344,8 +348,8 @@ def _bin_sums(snips, pitches, bins, ctx):
         on = np.flatnonzero(chans >= 0)
         moved = torch.zeros((len(sel), snips.shape[1], n_reg), dtype=torch.float32)
         moved[:, :, torch.as_tensor(chans[on])] = snips[sel][:, :, torch.as_tensor(on)]
-        sums.index_add_(0, bins[sel], moved)
+        sums.index_add_(0, rows_of[sel], moved)
         reached = torch.zeros(n_reg, dtype=torch.int64)
         reached[torch.as_tensor(chans[on])] = 1
-        counts.index_add_(0, bins[sel], reached.expand(len(sel), -1).contiguous())
+        counts.index_add_(0, rows_of[sel], reached.expand(len(sel), -1).contiguous())
     return sums, counts
