@@ -48,6 +48,8 @@ MAX_REMATCHES = 2
 # leftover events took 1244 spikes and the whole rematch ran again without it (matching 48 -> 65 s).
 GREEDY_PROBE_FRACTION = 0.1
 GREEDY_PROBE_MIN_CHUNKS = 5
+# times at which the rematch looks for old units that are small somewhere (_small_somewhere)
+SMALL_SOMEWHERE_TIMES = 20
 MIN_UNIT_SPIKES = 20
 # events this close to a 3x bigger one are left out of clustering (clustering.echo_mask)
 ECHO_MS = 0.5
@@ -647,8 +649,10 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
     more = temps.concat(new)
     n_old = temps.n_units
     data = torch.as_tensor(more.data)
-    near = could_take_spikes(data[:n_old], data[n_old:], ctx.cfg.matching_threshold ** 2,
-                             ctx.cfg.amplitude_scaling_boundary).numpy()
+    threshold, boundary = ctx.cfg.matching_threshold ** 2, ctx.cfg.amplitude_scaling_boundary
+    near = could_take_spikes(data[:n_old], data[n_old:], threshold, boundary).numpy()
+    # where an old unit is small its matched filter takes spikes at any decrease (SMALL_UNIT_FACTOR)
+    near |= _small_somewhere(ctx, temps, motion_info) & could_take_spikes(data[:n_old], data[n_old:], 0.0, boundary).numpy()
     redo = np.r_[np.flatnonzero(near), np.arange(n_old, more.n_units)]
     kept = ~near[spikes["unit_index"]]
     extra, extra_locs = _match_pass(ctx, more, motion_info, known=spikes[kept], match_units=redo,
@@ -660,6 +664,20 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
     logger.info("dartsort: %d new units matched with the %d old units that could take their spikes",
                 new.n_units, near.sum())
     return more, both[order], np.concatenate([locs[kept], extra_locs])[order]
+
+
+def _small_somewhere(ctx, temps, motion_info, n_times=SMALL_SOMEWHERE_TIMES):
+    """(K,) bool: units whose template as matching places it (kriged and drift-binned, low rank)
+    has a squared norm under SMALL_UNIT_FACTOR x matching_threshold^2 at one of n_times times
+    spread over the recording: matching takes them by their matched filter there. NP1 drifting
+    seed 1: GT 16's unit (squared norm 90-182 as it drifts) kept the 66 spikes of GT 17 (SNR 2.2,
+    25 um away) it took in the first pass, since the rematch of GT 17's new unit left it out (its
+    decrease on them stays under the threshold)."""
+    matcher = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device)
+    duration = ctx.rec.get_num_samples(0) / ctx.fs
+    lowest = np.min([matcher.chunk_templates(t).norms()[:, ctx.cfg.temporal_upsamples // 2].cpu().numpy()
+                     for t in (np.arange(n_times) + 0.5) * duration / n_times], axis=0)
+    return lowest < SMALL_UNIT_FACTOR * ctx.cfg.matching_threshold ** 2
 
 
 def _without_echoes(ctx, spikes, locs, temps, units):

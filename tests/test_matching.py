@@ -360,3 +360,29 @@ def test_a_greedy_new_unit_is_left_out_after_a_sample_of_the_chunks(monkeypatch)
     # too few chunks for a sample to tell: no probe
     rec.get_num_samples = lambda segment=0: 20 * fs
     assert steps._greedy_on_a_sample(ctx, old, new, None, None).tolist() == []
+
+
+def test_old_units_small_somewhere_are_matched_again_with_new_ones():
+    # the rematch also redoes old units that matching takes by their matched filter somewhere
+    # (squared norm under SMALL_UNIT_FACTOR x matching_threshold^2 as placed): their filter takes
+    # spikes at any decrease, so the could_take_spikes test at the threshold misses them
+    from types import SimpleNamespace
+
+    from dartsort_si.config import load_config
+    from dartsort_si.matching import SMALL_UNIT_FACTOR
+    from dartsort_si.motion_info import MotionInfo
+    from dartsort_si.steps import _small_somewhere
+    from dartsort_si.subtraction import Geometry
+    from dartsort_si.templates import Templates
+
+    rec, geom, data, n_before, _, _ = _two_unit_recording(n=30_000)
+    cfg = load_config({})
+    data = data * np.array([1.0, 0.8], np.float32)[:, None, None]  # B at squared norm ~92
+    temps = Templates(data, np.array([0, 1]), np.array([500, 500]), n_before)
+    norms = np.square(data).sum((1, 2))
+    limit = SMALL_UNIT_FACTOR * cfg.matching_threshold ** 2
+    assert norms[0] > limit > norms[1]
+    ctx = SimpleNamespace(rec=rec, cfg=cfg, geometry=Geometry.build(geom, cfg), device="cpu",
+                          fs=rec.sampling_frequency)
+    motion = MotionInfo.from_motion_est(geom=geom, rgeom=geom)
+    assert _small_somewhere(ctx, temps, motion).tolist() == [False, True]
