@@ -652,7 +652,8 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
     threshold, boundary = ctx.cfg.matching_threshold ** 2, ctx.cfg.amplitude_scaling_boundary
     near = could_take_spikes(data[:n_old], data[n_old:], threshold, boundary).numpy()
     # where an old unit is small its matched filter takes spikes at any decrease (SMALL_UNIT_FACTOR)
-    near |= _small_somewhere(ctx, temps, motion_info) & could_take_spikes(data[:n_old], data[n_old:], 0.0, boundary).numpy()
+    near |= (_small_somewhere(ctx, temps, motion_info)
+             & could_take_spikes(data[:n_old], data[n_old:], 0.0, boundary).numpy())
     redo = np.r_[np.flatnonzero(near), np.arange(n_old, more.n_units)]
     kept = ~near[spikes["unit_index"]]
     extra, extra_locs = _match_pass(ctx, more, motion_info, known=spikes[kept], match_units=redo,
