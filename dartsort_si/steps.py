@@ -598,11 +598,13 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info):
     left out and the rest matched again; if an old unit gains spikes, the first pass stands
     (_greedy_units)."""
     n_old = temps.n_units
-    new = new.subset(~np.isin(np.arange(new.n_units), _greedy_on_a_sample(ctx, temps, new, spikes, motion_info)))
+    small = _small_somewhere(ctx, temps, motion_info)
+    greedy = _greedy_on_a_sample(ctx, temps, new, spikes, motion_info, small)
+    new = new.subset(~np.isin(np.arange(new.n_units), greedy))
     if not new.n_units:
         return temps, spikes, locs
     for _ in range(MAX_REMATCHES):
-        more, both, both_locs = _rematch(ctx, temps, new, spikes, locs, motion_info)
+        more, both, both_locs = _rematch(ctx, temps, new, spikes, locs, motion_info, small)
         greedy_old, greedy_new = _greedy_units(spikes, both, n_old, new.counts)
         if len(greedy_old) or not len(greedy_new):
             break
@@ -616,7 +618,7 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info):
     return more, both[keep], both_locs[keep]
 
 
-def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info):
+def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info, small):
     """Indices of the new units that are greedy (_greedy_units) on an even sample of the chunks
     (GREEDY_PROBE_FRACTION), their counts scaled to the whole recording; none when the recording
     has too few chunks for a sample to tell (the rematch over all of it is then short anyway)."""
@@ -626,7 +628,7 @@ def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info):
         return np.zeros(0, int)
     sample = [slices[i] for i in np.linspace(0, len(slices) - 1, n_probe).round().astype(int)]
     n_samples = sum(end - start for _, start, end in sample)
-    extra = _rematch(ctx, temps, new, spikes, None, motion_info, slices=sample)[1]
+    extra = _rematch(ctx, temps, new, spikes, None, motion_info, small, slices=sample)[1]
     counts = np.bincount(extra["unit_index"], minlength=temps.n_units + new.n_units)[temps.n_units:]
     scaled = counts * ctx.rec.get_num_samples(0) / n_samples
     greedy = np.flatnonzero(_over_new_unit_limit(scaled, new.counts))
@@ -636,7 +638,7 @@ def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info):
     return greedy
 
 
-def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
+def _rematch(ctx, temps, new, spikes, locs, motion_info, small, slices=None):
     """(templates, spikes, localizations) of matching the new units on the first pass's residual
     together with the old units that could have taken their spikes in the first pass
     (matching.could_take_spikes): the other old units' spikes are subtracted chunk by chunk and
@@ -644,6 +646,8 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
     Matching again with every template took as long as the first pass (10-12 s of a 60 s x
     128 ch sort); matching the new units alone left their spikes with the old units that took
     them in the first pass (NP1 drifting seed 1: an SNR-6 unit kept 7 spikes of an SNR-2 one).
+    small: (old units,) the old units small somewhere (_small_somewhere), also redone when
+    they could take a new unit's spikes at any decrease.
     With slices (a sample of the chunks), only what this pass matched there: (templates, spikes,
     localizations) of the units in redo."""
     more = temps.concat(new)
@@ -651,9 +655,8 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
     data = torch.as_tensor(more.data)
     threshold, boundary = ctx.cfg.matching_threshold ** 2, ctx.cfg.amplitude_scaling_boundary
     near = could_take_spikes(data[:n_old], data[n_old:], threshold, boundary).numpy()
-    # where an old unit is small its matched filter takes spikes at any decrease (SMALL_UNIT_FACTOR)
-    near |= (_small_somewhere(ctx, temps, motion_info)
-             & could_take_spikes(data[:n_old], data[n_old:], 0.0, boundary).numpy())
+    # where an old unit is small its matched filter takes spikes at any decrease
+    near |= small & could_take_spikes(data[:n_old], data[n_old:], 0.0, boundary).numpy()
     redo = np.r_[np.flatnonzero(near), np.arange(n_old, more.n_units)]
     kept = ~near[spikes["unit_index"]]
     extra, extra_locs = _match_pass(ctx, more, motion_info, known=spikes[kept], match_units=redo,
@@ -674,11 +677,12 @@ def _small_somewhere(ctx, temps, motion_info, n_times=SMALL_SOMEWHERE_TIMES):
     seed 1: GT 16's unit (squared norm 90-182 as it drifts) kept the 66 spikes of GT 17 (SNR 2.2,
     25 um away) it took in the first pass, since the rematch of GT 17's new unit left it out (its
     decrease on them stays under the threshold)."""
-    matcher = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device)
+    matcher = TemplateMatcher(ctx.rec, temps, motion_info, ctx.cfg, ctx.geometry, ctx.device,
+                              small_unit_factor=SMALL_UNIT_FACTOR)
     duration = ctx.rec.get_num_samples(0) / ctx.fs
-    lowest = np.min([matcher.chunk_templates(t).norms()[:, ctx.cfg.temporal_upsamples // 2].cpu().numpy()
-                     for t in (np.arange(n_times) + 0.5) * duration / n_times], axis=0)
-    return lowest < SMALL_UNIT_FACTOR * ctx.cfg.matching_threshold ** 2
+    lowest = torch.stack([matcher.chunk_templates(t).norms()[:, ctx.cfg.temporal_upsamples // 2]
+                          for t in (np.arange(n_times) + 0.5) * duration / n_times]).amin(0)
+    return matcher.filter_units_here(lowest).cpu().numpy()
 
 
 def _without_echoes(ctx, spikes, locs, temps, units):

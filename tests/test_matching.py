@@ -344,7 +344,7 @@ def test_a_greedy_new_unit_is_left_out_after_a_sample_of_the_chunks(monkeypatch)
     ctx = SimpleNamespace(rec=rec, cfg=SimpleNamespace(chunk_length_samples=fs))
     seen = []
 
-    def rematch(ctx, temps, new, spikes, locs, motion_info, slices=None):
+    def rematch(ctx, temps, new, spikes, locs, motion_info, small, slices=None):
         seen.extend(start // fs for _, start, _ in slices)
         units = [2] * 50 + [3]  # templates 0, 1 old; 2, 3 new
         extra = np.zeros(len(units) * len(slices), dtype=spike_dtype)
@@ -354,12 +354,12 @@ def test_a_greedy_new_unit_is_left_out_after_a_sample_of_the_chunks(monkeypatch)
     monkeypatch.setattr(steps, "_rematch", rematch)
     old = Templates(np.zeros((2, 4, 3), np.float32), np.array([0, 1]), np.array([100, 100]), 1)
     new = Templates(np.zeros((2, 4, 3), np.float32), np.array([5, 6]), np.array([30, 30]), 1)
-    greedy = steps._greedy_on_a_sample(ctx, old, new, None, None)
+    greedy = steps._greedy_on_a_sample(ctx, old, new, None, None, None)
     assert greedy.tolist() == [0]
     assert len(seen) == int(steps.GREEDY_PROBE_FRACTION * n_chunks) and seen[0] == 0 and seen[-1] == n_chunks - 1
     # too few chunks for a sample to tell: no probe
     rec.get_num_samples = lambda segment=0: 20 * fs
-    assert steps._greedy_on_a_sample(ctx, old, new, None, None).tolist() == []
+    assert steps._greedy_on_a_sample(ctx, old, new, None, None, None).tolist() == []
 
 
 def test_old_units_small_somewhere_are_matched_again_with_new_ones():
