@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from spikeinterface.preprocessing.basepreprocessor import BasePreprocessor, BasePreprocessorSegment
 
 logger = logging.getLogger("dartsort_si")
 
@@ -32,6 +33,14 @@ NOISY_MAD_RATIO = 5.0
 # probes it changed them by under 10%.
 CMR_FOOTPRINT_UM = 50.0
 CMR_MAX_COVERED = 0.4
+# the highpass: SpikeInterface's highpass_filter at its defaults (Butterworth of order 5 run
+# forward and backward, margin 5 periods of the cutoff), applied as its squared gain in the
+# frequency domain (ZeroPhaseHighpass): scipy's sosfiltfilt took 73% of preprocessing (py-spy,
+# 300 s x 128 ch: 37 of 51 s), the FFT a tenth of that per chunk (0.04 against 0.45 s for
+# 1 s x 128 ch, one thread), with the same output to 6e-4 noise sd inside the recording
+HIGHPASS_HZ = 300.0
+HIGHPASS_ORDER = 5
+HIGHPASS_MARGIN_PERIODS = 5
 # the preprocessed traces are kept in memory when they take at most this share of the memory
 # available at the start (cache_in_memory). Every step that reads the recording (fit_models,
 # subtraction, templates, matching's three passes) otherwise filters and median-references it
@@ -102,7 +111,7 @@ def preprocess(recording, preprocessing: str, dtype: str = "float32"):
         rec = spre.astype(rec, "float32")
     saturated = saturated_channels(_finite_chunks(rec))
     if preprocessing in ("ibllike", "ibllikecmr"):
-        rec = spre.highpass_filter(rec, freq_min=300.0)
+        rec = ZeroPhaseHighpass(rec, freq_min=HIGHPASS_HZ)
         if rec.get_property("inter_sample_shift") is not None:
             rec = spre.phase_shift(rec)
     rec = leave_out_bad_channels(rec, saturated)
@@ -110,6 +119,62 @@ def preprocess(recording, preprocessing: str, dtype: str = "float32"):
         rec = spre.common_reference(rec, operator="median", reference="global")
     rec = _standardize(rec)
     return spre.astype(rec, dtype) if dtype != "float32" else rec
+
+
+class ZeroPhaseHighpass(BasePreprocessor):
+    """A Butterworth highpass run forward and backward (spikeinterface.preprocessing
+    .highpass_filter's default), computed as its squared gain on the FFT of each chunk with its
+    margins. Odd extension at the margins' ends keeps the far ends' steps out of the chunk; a
+    chunk at the recording's start or end is filtered by sosfiltfilt itself, whose edge
+    convention (steady-state start) differs over the first and last 400 samples."""
+
+    def __init__(self, recording, freq_min=HIGHPASS_HZ, order=HIGHPASS_ORDER):
+        from scipy.signal import butter
+
+        BasePreprocessor.__init__(self, recording, dtype="float32")
+        self.annotate(is_filtered=True)
+        fs = recording.get_sampling_frequency()
+        sos = butter(order, freq_min, btype="highpass", fs=fs, output="sos")
+        margin = int(HIGHPASS_MARGIN_PERIODS * fs / freq_min)
+        for segment in recording.segments:
+            self.add_recording_segment(_ZeroPhaseHighpassSegment(segment, sos, fs, margin))
+        self._kwargs = dict(recording=recording, freq_min=float(freq_min), order=int(order))
+
+
+class _ZeroPhaseHighpassSegment(BasePreprocessorSegment):
+    def __init__(self, parent, sos, fs, margin):
+        BasePreprocessorSegment.__init__(self, parent)
+        self.sos, self.fs, self.margin = sos, fs, margin
+        self._gains = {}
+
+    def get_traces(self, start_frame, end_frame, channel_indices):
+        from scipy.signal import sosfiltfilt
+        from spikeinterface.core import get_chunk_with_margin
+
+        x, left, right = get_chunk_with_margin(self.parent_recording_segment, start_frame, end_frame,
+                                               channel_indices, self.margin)
+        x = x.astype(np.float32, copy=False)
+        if left < self.margin or right < self.margin or len(x) <= 2 * self.margin:
+            y = sosfiltfilt(self.sos, x, axis=0).astype(np.float32)
+        else:
+            y = self._filtered(x)
+        return y[left: len(y) - right]
+
+    def _filtered(self, x):
+        import scipy.fft as sfft
+
+        m = self.margin
+        x = x - x.mean(0)
+        x = np.concatenate([2 * x[:1] - x[m:0:-1], x, 2 * x[-1:] - x[-2:-m - 2:-1]])
+        size = sfft.next_fast_len(len(x), real=True)
+        if size not in self._gains:
+            from scipy.signal import sosfreqz
+
+            _, h = sosfreqz(self.sos, worN=np.fft.rfftfreq(size, 1 / self.fs), fs=self.fs)
+            self._gains[size] = (np.abs(h) ** 2).astype(np.float32)[:, None]
+        spectrum = sfft.rfft(x, n=size, axis=0)
+        spectrum *= self._gains[size]
+        return sfft.irfft(spectrum, n=size, axis=0)[m: len(x) - m]
 
 
 def cmr_keeps_spikes(rec) -> bool:
