@@ -19,6 +19,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from . import __version__
+from .allocation import memory_kept_in_process
 from .config import DARTsortUserConfig, load_config
 from .motion_info import MotionInfo
 from .sorting import DARTsortSorting
@@ -213,7 +214,7 @@ def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est, initia
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(threads, per_worker)))
     try:
-        with threadpool_limits(limits=per_worker):
+        with threadpool_limits(limits=per_worker), memory_kept_in_process():
             return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs,
                               initial_detection)
     finally:
