@@ -142,3 +142,53 @@ def test_preprocessed_traces_are_kept_in_memory_when_they_fit(gt_data, monkeypat
     assert pre.cache_in_memory(rec, 2, 10_000, threads=False) is rec
     monkeypatch.setattr(pre, "available_memory_bytes", lambda: 1_000_000)
     assert pre.cache_in_memory(rec, 2, 10_000) is rec
+
+
+def test_highpass_matches_spikeinterfaces_and_survives_a_dc_offset():
+    """ZeroPhaseHighpass is highpass_filter's Butterworth (order 5, forward and backward) through
+    the FFT: the same traces inside the recording, bit for bit at its ends (sosfiltfilt there),
+    and a large DC offset with slow drift leaves no step at the chunks' edges. It saves and loads
+    as SpikeInterface recordings do."""
+    from dartsort_si.preprocessing import ZeroPhaseHighpass
+
+    rng = np.random.default_rng(0)
+    n = 150_000
+    slow = np.cumsum(rng.standard_normal((n, 4)), axis=0) * 3
+    traces = (1000 + slow + 10 * rng.standard_normal((n, 4))).astype("float32")
+    rec = si.NumpyRecording(traces, sampling_frequency=30000.0)
+    ours, theirs = ZeroPhaseHighpass(rec), si.highpass_filter(rec, freq_min=300.0)
+    for start, end in [(30_000, 60_000), (12_345, 100_000), (0, 30_000), (140_000, 150_000)]:
+        a = ours.get_traces(start_frame=start, end_frame=end)
+        b = theirs.get_traces(start_frame=start, end_frame=end)
+        assert a.dtype == np.float32 and a.shape == b.shape
+        # noise sd 10: agreement to 1e-3 of it
+        assert np.abs(a - b).max() < 1e-2, (start, end)
+        if start == 0 or end == n:
+            np.testing.assert_array_equal(a, b)
+    loaded = si.load(ours.to_dict())
+    np.testing.assert_array_equal(loaded.get_traces(start_frame=40_000, end_frame=50_000),
+                                  ours.get_traces(start_frame=40_000, end_frame=50_000))
+
+
+def test_malloc_settings_are_restored_after_the_sort_even_when_it_fails(monkeypatch):
+    from dartsort_si import allocation
+
+    calls = []
+
+    class FakeGlibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(allocation, "_glibc", lambda: FakeGlibc())
+    with pytest.raises(RuntimeError):
+        with allocation.memory_kept_in_process():
+            assert calls == [(allocation.M_MMAP_MAX, 0), (allocation.M_TRIM_THRESHOLD, allocation.SORT_TRIM_THRESHOLD)]
+            raise RuntimeError("a step failed")
+    assert calls[2:] == [(allocation.M_MMAP_MAX, allocation.DEFAULT_MMAP_MAX),
+                         (allocation.M_TRIM_THRESHOLD, allocation.DEFAULT_TRIM_THRESHOLD), ("trim", 0)]
+    monkeypatch.setattr(allocation, "_glibc", lambda: None)
+    with allocation.memory_kept_in_process():  # no glibc: nothing to set
+        pass
