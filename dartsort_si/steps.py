@@ -226,11 +226,13 @@ def fit_temporal_pcas(spikes, window, rank, nn_model):
     """Temporal PCA of single-channel snippets: on the whole window, of the NN's output
     (denoising: it projects the NN's output), and on the feature window of the raw
     snippets (clustering features)."""
-    single = spikes.permute(0, 2, 1).reshape(-1, spikes.shape[1])
-    single = single[torch.isfinite(single).all(1)]
-    if len(single) > MAX_TPCA_ROWS:
-        pick = np.sort(np.random.default_rng(0).choice(len(single), MAX_TPCA_ROWS, replace=False))
-        single = single[torch.as_tensor(pick)]
+    # the finite rows, snippet by snippet and channel by channel, as flat (snippet, channel)
+    # indices: only the drawn ones are copied
+    flat = torch.nonzero(torch.isfinite(spikes).all(1).reshape(-1))[:, 0]
+    if len(flat) > MAX_TPCA_ROWS:
+        pick = np.sort(np.random.default_rng(0).choice(len(flat), MAX_TPCA_ROWS, replace=False))
+        flat = flat[torch.as_tensor(pick)]
+    single = spikes[flat // spikes.shape[2], :, flat % spikes.shape[2]]
     # fitted on raw snippets, mostly noise on small channels, the basis missed the shape of
     # big spikes: NP2 seed 4, an SNR-56 unit kept residuals of 11 noise sd on its main channel
     # after subtraction (20% of its peak-to-peak), which came back as events 0.2-1.3 ms from
