@@ -5,19 +5,19 @@ of hundreds of MB. glibc's malloc serves those from fresh mappings and returns t
 system when freed, so the next one faults its pages in again: a 60 s x 128 ch NP2 sort took
 4.1 million page faults (16 GB of pages for a peak of 2.3 GB) and 22 s of system time out of
 123 s of CPU (/usr/bin/time -v). With malloc kept from mapping (M_MMAP_MAX 0) and from
-trimming (M_TRIM_THRESHOLD 1 GB) freed memory is reused in place: 0.6 million faults, 11.5 s
-of system time, wall 69.5 -> 62.0 s, peak memory 2.31 -> 2.64 GB. Both are restored after the
-sort and the freed memory handed back (malloc_trim), so the caller's process does not keep it.
+trimming (M_TRIM_THRESHOLD 1 GB) freed memory is reused in place: 0.4-0.8 million faults,
+6-13 s of system time, wall 69.5 -> 58-63 s (three runs), peak memory 2.31 -> 2.36-2.69 GB. Both
+are restored after the sort (as static thresholds: glibc's own adjustment of them stays off)
+and the freed memory handed back (malloc_trim), so the caller's process does not keep it.
+Tried as well: torch's huge-page allocations (THP_MEM_ALLOC_ENABLE=1) faulted 0.25 million
+pages but spent more system time compacting memory (12-14 s), wall 62.8-63.9 s.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 from contextlib import contextmanager
-
-logger = logging.getLogger("dartsort_si")
 
 # glibc's mallopt parameters and their defaults (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4

@@ -37,7 +37,7 @@ CMR_MAX_COVERED = 0.4
 # forward and backward, margin 5 periods of the cutoff), applied as its squared gain in the
 # frequency domain (ZeroPhaseHighpass): scipy's sosfiltfilt took 73% of preprocessing (py-spy,
 # 300 s x 128 ch: 37 of 51 s), the FFT a tenth of that per chunk (0.04 against 0.45 s for
-# 1 s x 128 ch, one thread), with the same output to 6e-4 noise sd inside the recording
+# 1 s x 128 ch, one thread), the same traces to 1e-4 of the noise sd inside the recording
 HIGHPASS_HZ = 300.0
 HIGHPASS_ORDER = 5
 HIGHPASS_MARGIN_PERIODS = 5
