@@ -276,3 +276,25 @@ def test_subtraction_recalls_more_than_threshold_near_threshold(dr, tmp_path):
     print(f"subtraction {sub}, threshold {thr}: {fair}")
     assert sub["median"] > fair["median"] + 0.05
     assert sub["mean"] > fair["mean"]
+
+
+def test_profile_summary_splits_samples_by_stage(tmp_path, capsys):
+    """profile_sort.py summary: a worker thread's samples go to the stage of the node they ran in,
+    with self time per function and the stage function's lines with what they called."""
+    spec = importlib.util.spec_from_file_location("profile_sort", ROOT / "benchmarks" / "profile_sort.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    raw = tmp_path / "prof.txt"
+    raw.write_text(
+        "process 1:\"python\";_worker (thread.py:80);SubtractionPeeler.compute (/x/subtraction.py:410);"
+        "find_peaks (/x/waveforms.py:28) 30\n"
+        "process 1:\"python\";_worker (thread.py:80);SubtractionPeeler.compute (/x/subtraction.py:417);"
+        "cut (/x/waveforms.py:60) 10\n"
+        "process 1:\"python\";_worker (thread.py:80);TemplateMatcher.compute (/x/matching.py:217);"
+        "TemplateMatcher.peel (/x/matching.py:314) 60\n")
+    mod.summary(str(raw))
+    out = capsys.readouterr().out
+    assert "## subtraction: 40 samples, 40.0% of all" in out
+    assert "75.0%  find_peaks (waveforms.py)" in out and "75.0%  line 410 -> find_peaks" in out
+    assert "## matching: 60 samples, 60.0% of all" in out
+    assert "## preprocessing" not in out
