@@ -605,18 +605,18 @@ def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatial:
     return per_channel, score / mad.clamp(min=1e-6)
 
 
-def could_take_spikes(old: torch.Tensor, new: torch.Tensor, threshold: float, boundary: float,
+def could_take_spikes(old: torch.Tensor, new: torch.Tensor, threshold, boundary: float,
                       noise_sds: float = 3.0) -> torch.Tensor:
     """(K_old,) bool: old templates (K_old, L, C) that matching could fit to a spike of one of
     the new templates (K_new, L, C): at the best lag and a scale within 1 +/- boundary, the
     decrease 2 a <new, old> - a^2 |old|^2, plus noise_sds times the sd that unit noise adds to it
-    (2 a |old|), reaches threshold (a squared norm)."""
+    (2 a |old|), reaches threshold (a squared norm; one for all, or (K_old,) one per old unit)."""
     length = old.shape[1]
     dots = F.conv1d(new.permute(0, 2, 1), old.permute(0, 2, 1), padding=length - 1).amax(2)  # (K_new, K_old)
     norm = old.square().sum((1, 2))
     scales = torch.linspace(1 - boundary, 1 + boundary, 5)[:, None, None]
     gain = 2 * scales * (dots + noise_sds * norm.sqrt()) - scales ** 2 * norm
-    return (gain >= threshold).any(0).any(0)
+    return (gain >= torch.as_tensor(threshold, dtype=gain.dtype)).any(0).any(0)
 
 
 def unit_overlaps(templates: torch.Tensor) -> torch.Tensor:

@@ -655,10 +655,9 @@ def _rematch(ctx, temps, new, spikes, locs, motion_info, small, slices=None):
     more = temps.concat(new)
     n_old = temps.n_units
     data = torch.as_tensor(more.data)
-    threshold, boundary = ctx.cfg.matching_threshold ** 2, ctx.cfg.amplitude_scaling_boundary
-    near = could_take_spikes(data[:n_old], data[n_old:], threshold, boundary).numpy()
     # where an old unit is small its matched filter takes spikes at any decrease
-    near |= small & could_take_spikes(data[:n_old], data[n_old:], 0.0, boundary).numpy()
+    thresholds = np.where(small, 0.0, ctx.cfg.matching_threshold ** 2)
+    near = could_take_spikes(data[:n_old], data[n_old:], thresholds, ctx.cfg.amplitude_scaling_boundary).numpy()
     redo = np.r_[np.flatnonzero(near), np.arange(n_old, more.n_units)]
     kept = ~near[spikes["unit_index"]]
     extra, extra_locs = _match_pass(ctx, more, motion_info, known=spikes[kept], match_units=redo,
