@@ -6,7 +6,8 @@ the decrease in the residual's squared norm from subtracting the template
 with its best amplitude scale (Gaussian prior around 1, clipped to
 1 +/- boundary). Greedily take the peaks above matching_threshold**2,
 pick the best sub-sample shift among `temporal_upsamples` versions,
-subtract, and repeat until nothing is left. Units found among a pass's
+subtract, update the objective from the templates' pairwise cross-correlations,
+and repeat until nothing is left. Units found among a pass's
 leftovers (filter_units) are also taken where their matched filter
 reaches filter_threshold times its noise sd (matched_filter_thresholds).
 """
@@ -40,6 +41,8 @@ SVD_RANK = 5
 # its noise (about rank x channels / n in squared norm) is small next to a unit's energy
 SUPERRES_PRIOR_SPIKES = 20.0
 MAX_ITERATIONS = 200
+# left units per block in pair_correlations: its complex intermediate is block x K x r x 129 (L = 121)
+PAIR_BLOCK = 16
 REFRACTORY_SAMPLES = 10
 OVERLAP_PTP = 0.5
 # The leftover search after matching looks for spikes with a matched filter: the residual is
@@ -50,15 +53,12 @@ OVERLAP_PTP = 0.5
 # on NP1 drifting seed 5 and found none: one width, one Neuropixels row pitch.
 LEFTOVER_SIGMA_UM = 20.0
 MAD_STRIDE = 5
-# matching's objective after a round's subtractions is updated around each spike, LOCAL_UPDATE_BATCH
-# spikes per convolution, unless the windows (2 template lengths each) cover over
-# LOCAL_UPDATE_LIMIT times the chunk; then it is convolved whole. One thread, 45 units x rank 5, 1 s
-# chunk: whole 79 ms; around each spike 0.24 ms in batches of 8, 0.35 ms in batches of 48-64
-# (their windows outgrow the cache), so the whole convolution pays from about 330 spikes
-# (2.6 chunks of windows). The limit was 0.5, where the first rounds of most chunks took the
-# whole convolution (7.5% of a 60 s static matching pass's samples, py-spy).
-LOCAL_UPDATE_BATCH = 8
-LOCAL_UPDATE_LIMIT = 2.0
+# matching's objective after a round's subtractions is updated from the templates' pairwise
+# cross-correlations (pair_correlations, computed once per chunk for the templates at its drift):
+# subtracting version j of unit u at time s lowers unit k's dot product at s + d by the
+# correlation of the two templates at lag d. Its earlier form, re-convolving the residual's
+# projection around each spike, cost 0.24 ms per spike (one thread, 45 units x rank 5) and was
+# 22-28% of matching's samples (py-spy, 300 s NP1 and 60 s NP2 sorts).
 # The units found among the leftovers (filter units) are taken by their matched filter measured
 # in the noise-whitened metric, <P t, r> with P the inverse of the noise's spatial covariance
 # (WhitenedFilter): channels of standardized noise are correlated (SpikeInterface's generator
@@ -310,9 +310,8 @@ class TemplateMatcher(PeakDetector):
         blocked = torch.zeros((n_units, n_t), dtype=torch.bool, device=residual.device)
         overlap = unit_overlaps(temps.base())
         found = []
-        to_rank = spatial.reshape(-1, n_chans).T  # (C, K r)
-        proj = residual @ to_rank  # (T, K r)
-        conv = self.convolve(proj, temporal)  # (K, n_t)
+        conv = self.convolve(residual @ spatial.reshape(-1, n_chans).T, temporal)  # (K, n_t)
+        xc = pair_correlations(temporal, spatial, temps.temporal, spatial)  # (K, K, U, 2L - 1)
         # a unit may take a spike when its gain passes its own threshold (the same for all but
         # filter units), and among those the biggest gain wins. Competing on the gain over one's own
         # threshold let a filter unit, whose threshold is lower, win spikes that an old unit
@@ -326,7 +325,7 @@ class TemplateMatcher(PeakDetector):
                 thresholds[filter_mask] = matched_filter_thresholds(base_norm[filter_mask], conv[filter_mask],
                                                                     self.filter_threshold, self.threshold)
             else:
-                white = WhitenedFilter(self, residual, temporal[filter_mask], spatial[filter_mask],
+                white = WhitenedFilter(self, residual, temporal[filter_mask], spatial[filter_mask], temps,
                                        self.precision, self.filter_threshold)
         for _ in range(MAX_ITERATIONS):
             scale, gain = self.best_scale(conv, base_norm[:, None])
@@ -349,13 +348,11 @@ class TemplateMatcher(PeakDetector):
             # takes part of it (the "echoes" at fixed lags, see ECHO_RATIO)
             keep = wf.strongest(best[pick], pick, unit, overlap, length - 1)
             pick, unit = pick[keep], unit[keep]
-            t, a, j = self.refine(proj, temps, norms, pick, unit)
-            rows = subtract_waveforms(residual, temps.waveforms(unit, j) * a[:, None, None], t)
-            changed = torch.unique(rows)
-            proj.index_copy_(0, changed, residual[changed] @ to_rank)
-            conv = self.update_objective(conv, proj, temporal, t)
+            t, a, j = self.refine(residual, temps, norms, pick, unit)
+            subtract_waveforms(residual, temps.waveforms(unit, j) * a[:, None, None], t)
+            update_objective(conv, xc, t, unit, j, a)
             if white is not None:
-                white.update(residual, changed, t)
+                white.update(t, unit, j, a)
             lo = (t - REFRACTORY_SAMPLES).clamp(0, n_t)
             around = (lo[:, None] + torch.arange(2 * REFRACTORY_SAMPLES + 1, device=t.device)).clamp(max=n_t - 1)
             blocked.view(-1).index_fill_(0, (unit[:, None] * n_t + around).reshape(-1), True)
@@ -373,40 +370,13 @@ class TemplateMatcher(PeakDetector):
         small = base_norm < self.small_unit_factor * self.threshold
         return small if filter_mask is None else filter_mask | small
 
-    def convolve(self, proj, temporal):
+    @staticmethod
+    def convolve(proj, temporal):
         """(K, n_t) dot products of the residual with each unit's low-rank template at every
         time, from proj (T, K r): the residual projected on the templates' spatial components."""
         n_units, rank, length = temporal.shape
         out = F.conv1d(proj.T[None], temporal.reshape(-1, 1, length), groups=n_units * rank)[0]
         return out.reshape(n_units, rank, -1).sum(1)
-
-    def update_objective(self, conv, proj, temporal, t):
-        """conv after subtracting spikes starting at times t: only times within a template
-        length of a subtraction change. Those are recomputed from proj, unless they cover
-        so much of the chunk that one full convolution is cheaper (LOCAL_UPDATE_LIMIT).
-        The full re-convolution at every round took 11% of a whole sort (py-spy, 60 s x 128 ch)."""
-        n_units, rank, length = temporal.shape
-        n_t = conv.shape[1]
-        if len(t) * (2 * length - 1) > LOCAL_UPDATE_LIMIT * n_t:
-            return self.convolve(proj, temporal)
-        for i in range(0, len(t), LOCAL_UPDATE_BATCH):
-            conv = self._update_near(conv, proj, temporal, t[i: i + LOCAL_UPDATE_BATCH])
-        return conv
-
-    def _update_near(self, conv, proj, temporal, t):
-        n_units, rank, length = temporal.shape
-        n_t = conv.shape[1]
-        span = 2 * length - 1
-        start = t - (length - 1)  # first objective time a subtraction at t touches
-        rows = (start[:, None] + torch.arange(span + length - 1, device=t.device)).clamp(0, len(proj) - 1)
-        windows = proj[rows].permute(0, 2, 1)  # (n, K r, span + L - 1)
-        local = F.conv1d(windows, temporal.reshape(-1, 1, length), groups=n_units * rank)
-        local = local.reshape(len(t), n_units, rank, span).sum(2)  # (n, K, span)
-        pos = start[:, None] + torch.arange(span, device=t.device)
-        ok = (pos >= 0) & (pos < n_t)
-        # overlapping windows write the same values (both from the updated proj)
-        conv.index_copy_(1, pos[ok], local.permute(1, 0, 2)[:, ok])
-        return conv
 
     def best_scale(self, dot, norm):
         """Scale maximizing 2 a dot - a^2 norm - prior (a - 1)^2, clipped; returns (a, decrease)."""
@@ -417,19 +387,51 @@ class TemplateMatcher(PeakDetector):
             a = a.clamp(1 - self.boundary, 1 + self.boundary)
         return a, 2 * a * dot - a * a * norm
 
-    def refine(self, proj, temps, norms, t, unit):
+    def refine(self, residual, temps, norms, t, unit):
         """Best sub-sample version and scale for each picked (time, unit). The residual's dot
-        product with a version is its temporal factors against the residual's projection on
-        the unit's spatial factors (proj, current), which the objective already keeps: taking
-        them from the dense templates copied U x L x C floats per pick (10% of matching)."""
-        length, rank = temps.temporal.shape[2:]
-        rows = t[:, None] + torch.arange(length, device=proj.device)[None, :]
-        cols = unit[:, None] * rank + torch.arange(rank, device=proj.device)[None, :]
-        windows = proj[rows[:, :, None], cols[:, None, :]]  # (n, L, r)
+        product with a version is its temporal factors against the residual's window projected
+        on the unit's spatial factors."""
+        length = temps.temporal.shape[2]
+        rows = t[:, None] + torch.arange(length, device=residual.device)[None, :]
+        windows = torch.einsum("nlc,nrc->nlr", residual[rows], temps.spatial[unit])  # (n, L, r)
         dots = torch.einsum("nlr,nulr->nu", windows, temps.temporal[unit])
         a, gain = self.best_scale(dots, norms[unit])
         j = gain.argmax(1)
         return t, a[torch.arange(len(t)), j], j
+
+
+def pair_correlations(temporal, spatial, versions, spatial_right):
+    """(K1, K2, U, 2L - 1) cross-correlations of low-rank templates: [k, u, j, d + L - 1] is the
+    dot product of template k (temporal (K1, r, L) @ spatial (K1, r, C)) with version j of
+    template u (versions (K2, U, L, r) @ spatial_right (K2, r, C)) started d samples later, i.e.
+    how much subtracting that version at time s lowers k's matched filter at s + d. Through the
+    FFT, summing over the rank after the spatial Gram matrices, a block of left units at a time."""
+    k1, rank, length = temporal.shape
+    n = 1 << (2 * length - 2).bit_length()  # >= 2L - 1: no circular wrap
+    right = torch.fft.rfft(versions.transpose(2, 3), n=n)  # (K2, U, r, F)
+    left = torch.fft.rfft(temporal, n=n).conj()  # (K1, r, F)
+    out = []
+    for b in range(0, k1, PAIR_BLOCK):
+        gram = torch.einsum("arc,bsc->abrs", spatial[b: b + PAIR_BLOCK], spatial_right).to(right.dtype)
+        mixed = torch.einsum("arf,abrs->absf", left[b: b + PAIR_BLOCK], gram)  # (k, K2, r, F)
+        full = torch.fft.irfft(torch.einsum("absf,bjsf->abjf", mixed, right), n=n)
+        # lag d sits at index d mod n
+        out.append(torch.cat([full[..., n - (length - 1):], full[..., :length]], dim=-1))
+    if not out:
+        return torch.zeros((0, len(versions), versions.shape[1], 2 * length - 1), device=temporal.device)
+    return torch.cat(out)
+
+
+def update_objective(conv, xc, t, unit, j, a):
+    """conv (K, n_t) after subtracting version j of unit, scaled by a, at times t (n,): each
+    subtraction lowers every unit's dot products around it by the pair's cross-correlation (xc,
+    pair_correlations). In place."""
+    span = xc.shape[-1]
+    pos = t[:, None] + torch.arange(-(span // 2), span // 2 + 1, device=t.device)  # (n, 2L - 1)
+    ok = (pos >= 0) & (pos < conv.shape[1])
+    values = xc[:, unit, j] * a[None, :, None]  # (K, n, 2L - 1)
+    conv.index_add_(1, pos[ok], values[:, ok], alpha=-1)
+    return conv
 
 
 def noise_precision(chunks, quiet_z: float = NOISE_QUIET_Z, ridge: float = NOISE_RIDGE):
@@ -453,19 +455,18 @@ class WhitenedFilter:
     (P: noise_precision), kept up to date as matching subtracts spikes; a template passes where
     its filter is over z times its noise sd (the filter's MAD over the chunk)."""
 
-    def __init__(self, matcher, residual, temporal, spatial, precision, z):
-        self.matcher, self.temporal = matcher, temporal  # (k, r, L)
-        self.to_rank = (spatial @ precision).reshape(-1, residual.shape[1]).T  # (C, k r)
-        self.proj = residual @ self.to_rank
-        self.conv = matcher.convolve(self.proj, temporal)  # (k, n_t)
+    def __init__(self, matcher, residual, temporal, spatial, temps, precision, z):
+        white = spatial @ precision  # (k, r, C)
+        self.conv = matcher.convolve(residual @ white.reshape(-1, residual.shape[1]).T, temporal)  # (k, n_t)
+        self.xc = pair_correlations(temporal, white, temps.temporal, temps.spatial)
         self.level = z * filter_noise_sd(self.conv)[:, None]
 
     def passes(self):
         return self.conv >= self.level
 
-    def update(self, residual, rows, t):
-        self.proj.index_copy_(0, rows, residual[rows] @ self.to_rank)
-        self.conv = self.matcher.update_objective(self.conv, self.proj, self.temporal, t)
+    def update(self, t, unit, j, a):
+        """After subtracting version j of unit (indices into the matched templates) at times t, scaled by a."""
+        update_objective(self.conv, self.xc, t, unit, j, a)
 
 
 def matched_filter_thresholds(norms, conv, z, threshold):
