@@ -10,7 +10,8 @@ from dartsort_si import waveforms as wf
 from dartsort_si.config import DARTsortUserConfig
 from dartsort_si.denoisers import shipped_single_channel_denoiser
 from dartsort_si.ground_truth import neuropixels_probe
-from dartsort_si.subtraction import Denoiser, Geometry, SnippetWindow, ThresholdDetector, subtraction_nodes
+from dartsort_si.subtraction import (Denoiser, Geometry, SnippetWindow, ThresholdDetector, native_bfloat16,
+                                     subtraction_nodes)
 
 
 def _found_both(peaks, events):
@@ -223,6 +224,23 @@ def test_nn_with_the_projection_folded_in_gives_the_projected_output():
             assert torch.allclose(folded(rows), want, atol=1e-4 * float(want.abs().max()))
         # an empty batch comes back as wide as the features (a recording without units peels nothing)
         assert apply_nn(folded, rows[:0]).shape == (0, 8)
+
+
+@pytest.mark.skipif(not native_bfloat16("cpu"), reason="this CPU has no native bfloat16")
+def test_nn_in_bfloat16_is_close_to_float32_and_each_row_independent_of_its_batch():
+    from dartsort_si.subtraction import ProjectedNN, apply_nn
+
+    gen = torch.Generator().manual_seed(0)
+    components = torch.linalg.qr(torch.randn(121, 8, generator=gen))[0].T
+    rows = 3 * torch.randn(600, 121, generator=gen)
+    model = shipped_single_channel_denoiser().eval()
+    exact, low = ProjectedNN(model, components), ProjectedNN(model, components, bfloat16=True)
+    want, got = apply_nn(exact, rows), apply_nn(low, rows)
+    assert low.low is not None
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    # NNMemo reuses a row's output computed in another batch: it must be the same
+    alone = torch.cat([apply_nn(low, rows[i: i + 5]) for i in range(0, 60, 5)])
+    assert torch.equal(alone, got[:60])
 
 
 def test_cut_from_channel_major_traces_equals_cut():
