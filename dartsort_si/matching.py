@@ -310,7 +310,7 @@ class TemplateMatcher(PeakDetector):
         blocked = torch.zeros((n_units, n_t), dtype=torch.bool, device=residual.device)
         overlap = unit_overlaps(temps.base())
         found = []
-        conv = self.convolve(residual @ spatial.reshape(-1, n_chans).T, temporal)  # (K, n_t)
+        conv = self.convolve(wf.matmul(residual, spatial.reshape(-1, n_chans).T), temporal)  # (K, n_t)
         xc = pair_correlations(temporal, spatial, temps.temporal, spatial)  # (K, K, U, 2L - 1)
         # a unit may take a spike when its gain passes its own threshold (the same for all but
         # filter units), and among those the biggest gain wins. Competing on the gain over one's own
@@ -456,8 +456,8 @@ class WhitenedFilter:
     its filter is over z times its noise sd (the filter's MAD over the chunk)."""
 
     def __init__(self, matcher, residual, temporal, spatial, temps, precision, z):
-        white = spatial @ precision  # (k, r, C)
-        self.conv = matcher.convolve(residual @ white.reshape(-1, residual.shape[1]).T, temporal)  # (k, n_t)
+        white = wf.matmul(spatial, precision)  # (k, r, C)
+        self.conv = matcher.convolve(wf.matmul(residual, white.reshape(-1, residual.shape[1]).T), temporal)  # (k, n_t)
         self.xc = pair_correlations(temporal, white, temps.temporal, temps.spatial)
         self.level = z * filter_noise_sd(self.conv)[:, None]
 
@@ -600,7 +600,7 @@ def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatial:
     spectrum = torch.fft.rfft(traces.T.contiguous(), n=size, dim=1) * torch.fft.rfft(prototype.flip(0), n=size)
     full = torch.fft.irfft(spectrum, n=size, dim=1)
     per_channel = full[:, length - 1 - n_before: length - 1 - n_before + n].T
-    score = per_channel @ spatial
+    score = wf.matmul(per_channel, spatial)
     sample = score[::MAD_STRIDE].T.contiguous()
     mad = (sample - sample.median(1, keepdim=True).values).abs().median(1).values / 0.6745
     return per_channel, score / mad.clamp(min=1e-6)

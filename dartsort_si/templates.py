@@ -27,6 +27,8 @@ from scipy.spatial.distance import cdist
 from spikeinterface.core.job_tools import TimeSeriesChunkExecutor, fix_job_kwargs
 from spikeinterface.core.recording_tools import get_chunk_with_margin
 
+from . import waveforms as wf
+
 # kriging kernel exp(-r / KRIGING_SIGMA_UM); the nugget keeps the solve stable and
 # the interpolation (nearly) exact where a target lands on a source. On an NP1 checkerboard,
 # point-source footprints moved by up to 20 um are interpolated to ~9% (median max error of
@@ -326,7 +328,7 @@ def _template_chunk(segment_index, start_frame, end_frame, ctx):
     for k in np.unique(drift):
         sel = torch.as_tensor(np.flatnonzero(drift == k))
         w, ok = ctx["maps"][int(k)]
-        registered = snips[sel] @ torch.as_tensor(w).T  # (n, L, R)
+        registered = wf.matmul(snips[sel], torch.as_tensor(w).T)  # (n, L, R)
         sums.index_add_(0, units[sel], registered.double())
         counts.index_add_(0, units[sel], torch.as_tensor(ok, dtype=torch.int64).expand(len(sel), -1).contiguous())
     rows, rows_of = np.unique(s["bins"][lo:hi], return_inverse=True)

@@ -11,6 +11,18 @@ import numpy as np
 import torch
 
 
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for float tensors of 2 dimensions (or a of more, multiplied on its last). On the CPU
+    through numpy's BLAS: torch's (MKL) ran this sorter's products 2.5-5.5x slower than numpy's
+    (OpenBLAS) on the AMD EPYC the benchmarks run on, one thread: matching's (30484 x 128) @
+    (128 x 195) 35.7 against 9.8 ms; the temporal PCA of 500 snippets x 40 channels 1.46 against
+    0.58 ms, its inverse 4.0 against 0.72 ms. Elsewhere (CUDA, gradients) torch's own."""
+    if (a.device.type != "cpu" or b.device.type != "cpu" or a.requires_grad or b.requires_grad
+            or a.dtype != b.dtype or a.dtype not in (torch.float32, torch.float64)):
+        return a @ b
+    return torch.from_numpy(np.matmul(a.numpy(), b.numpy()))
+
+
 def find_peaks(traces: torch.Tensor, threshold: float, peak_sign: str, dedup_index: torch.Tensor,
                dedup_samples: int = 7, valid: tuple[int, int] | None = None, rows: torch.Tensor | None = None):
     """Threshold crossings that are the biggest event within `dedup_samples`
@@ -147,12 +159,12 @@ class TemporalPCA:
         """(n, L, K) -> (n, rank, K)."""
         if self.centred:
             snippets = snippets - self.mean[None, :, None]
-        # a batched matmul on the (n, K, L) view: 2x faster than einsum's copies (py-spy, subtraction)
-        return (snippets.transpose(1, 2) @ self.components.T).transpose(1, 2)
+        # one product on the (n, K, L) view (contiguous for snippets cut channel-major)
+        return matmul(snippets.transpose(1, 2), self.components.T).transpose(1, 2)
 
     def inverse(self, features: torch.Tensor) -> torch.Tensor:
         """(n, rank, K) -> (n, L, K)."""
-        out = (features.transpose(1, 2) @ self.components).transpose(1, 2)
+        out = matmul(features.transpose(1, 2), self.components).transpose(1, 2)
         return out + self.mean[None, :, None] if self.centred else out
 
     def project(self, snippets: torch.Tensor) -> torch.Tensor:

@@ -243,6 +243,18 @@ def test_nn_in_bfloat16_is_close_to_float32_and_each_row_independent_of_its_batc
     assert torch.equal(alone, got[:60])
 
 
+def test_matmul_through_numpy_equals_torchs_and_keeps_gradients():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 7, 50, generator=gen).transpose(1, 2)  # a non-contiguous (3, 50, 7) view
+    b = torch.randn(4, 7, generator=gen).T
+    got = wf.matmul(a, b)
+    assert got.shape == (3, 50, 4)
+    assert torch.allclose(got, a @ b, atol=1e-5)
+    w = b.clone().requires_grad_(True)
+    wf.matmul(a, w).sum().backward()  # training goes through torch's own
+    assert w.grad is not None and torch.allclose(w.grad, a.sum((0, 1))[:, None].expand(-1, 4))
+
+
 def test_cut_from_channel_major_traces_equals_cut():
     from dartsort_si.channels import make_channel_index
 
