@@ -41,8 +41,14 @@ SVD_RANK = 5
 # its noise (about rank x channels / n in squared norm) is small next to a unit's energy
 SUPERRES_PRIOR_SPIKES = 20.0
 MAX_ITERATIONS = 200
-# left units per block in pair_correlations: its complex intermediate is block x K x r x 129 (L = 121)
-PAIR_BLOCK = 16
+# pair_correlations: pairs per block (its complex intermediates are block x U x r x 129 at L = 121);
+# every pair of templates while their correlations take at most PAIR_MAX_BYTES (45 units: 7.8 MB),
+# past that (hundreds of units on a long probe) only pairs whose spatial factors overlap: the
+# norm of their Gram matrix over PAIR_OVERLAP times the product of their norms (a left-out
+# pair's update would have been about that share of the two templates' norms, or less)
+PAIR_BLOCK = 512
+PAIR_MAX_BYTES = 256e6
+PAIR_OVERLAP = 1e-3
 REFRACTORY_SAMPLES = 10
 OVERLAP_PTP = 0.5
 # The leftover search after matching looks for spikes with a matched filter: the residual is
@@ -311,7 +317,7 @@ class TemplateMatcher(PeakDetector):
         overlap = unit_overlaps(temps.base())
         found = []
         conv = self.convolve(wf.matmul(residual, spatial.reshape(-1, n_chans).T), temporal)  # (K, n_t)
-        xc = pair_correlations(temporal, spatial, temps.temporal, spatial)  # (K, K, U, 2L - 1)
+        xc = pair_correlations(temporal, spatial, temps.temporal, spatial)
         # a unit may take a spike when its gain passes its own threshold (the same for all but
         # filter units), and among those the biggest gain wins. Competing on the gain over one's own
         # threshold let a filter unit, whose threshold is lower, win spikes that an old unit
@@ -350,7 +356,7 @@ class TemplateMatcher(PeakDetector):
             pick, unit = pick[keep], unit[keep]
             t, a, j = self.refine(residual, temps, norms, pick, unit)
             subtract_waveforms(residual, temps.waveforms(unit, j) * a[:, None, None], t)
-            update_objective(conv, xc, t, unit, j, a)
+            update_objective(conv, *xc, t, unit, j, a)
             if white is not None:
                 white.update(t, unit, j, a)
             lo = (t - REFRACTORY_SAMPLES).clamp(0, n_t)
@@ -400,37 +406,50 @@ class TemplateMatcher(PeakDetector):
         return t, a[torch.arange(len(t)), j], j
 
 
-def pair_correlations(temporal, spatial, versions, spatial_right):
-    """(K1, K2, U, 2L - 1) cross-correlations of low-rank templates: [k, u, j, d + L - 1] is the
-    dot product of template k (temporal (K1, r, L) @ spatial (K1, r, C)) with version j of
-    template u (versions (K2, U, L, r) @ spatial_right (K2, r, C)) started d samples later, i.e.
-    how much subtracting that version at time s lowers k's matched filter at s + d. Through the
-    FFT, summing over the rank after the spatial Gram matrices, a block of left units at a time."""
+def pair_correlations(temporal, spatial, versions, spatial_right, max_bytes=None):
+    """Cross-correlations of low-rank templates, as (xc (P, U, 2L - 1), index (K1, K2)): row
+    index[k, u] of xc holds, at [j, d + L - 1], the dot product of template k (temporal
+    (K1, r, L) @ spatial (K1, r, C)) with version j of template u (versions (K2, U, L, r) @
+    spatial_right (K2, r, C)) started d samples later, i.e. how much subtracting that version at
+    time s lowers k's matched filter at s + d. Every pair is kept while xc fits in max_bytes
+    (default PAIR_MAX_BYTES); past that only the pairs whose spatial factors overlap
+    (PAIR_OVERLAP), the others' index is -1. Through the FFT, summing over the rank after the
+    spatial Gram matrices, PAIR_BLOCK pairs at a time."""
     k1, rank, length = temporal.shape
-    n = 1 << (2 * length - 2).bit_length()  # >= 2L - 1: no circular wrap
+    k2, n_up = versions.shape[:2]
+    span, n = 2 * length - 1, 1 << (2 * length - 2).bit_length()  # n >= 2L - 1: no circular wrap
+    gram = torch.einsum("arc,bsc->abrs", spatial, spatial_right)  # (K1, K2, r, r)
+    keep = torch.ones((k1, k2), dtype=torch.bool, device=temporal.device)
+    if k1 * k2 * n_up * span * 4 > (PAIR_MAX_BYTES if max_bytes is None else max_bytes):
+        size = gram.square().sum((2, 3))
+        scale = torch.sqrt(spatial.square().sum((1, 2))[:, None] * spatial_right.square().sum((1, 2))[None, :])
+        keep = size.sqrt() > PAIR_OVERLAP * scale
+    a_all, b_all = torch.nonzero(keep, as_tuple=True)
+    index = torch.full((k1, k2), -1, dtype=torch.long, device=temporal.device)
+    index[a_all, b_all] = torch.arange(len(a_all), device=temporal.device)
     right = torch.fft.rfft(versions.transpose(2, 3), n=n)  # (K2, U, r, F)
     left = torch.fft.rfft(temporal, n=n).conj()  # (K1, r, F)
-    out = []
-    for b in range(0, k1, PAIR_BLOCK):
-        gram = torch.einsum("arc,bsc->abrs", spatial[b: b + PAIR_BLOCK], spatial_right).to(right.dtype)
-        mixed = torch.einsum("arf,abrs->absf", left[b: b + PAIR_BLOCK], gram)  # (k, K2, r, F)
-        full = torch.fft.irfft(torch.einsum("absf,bjsf->abjf", mixed, right), n=n)
+    out = [torch.zeros((0, n_up, span), device=temporal.device)]
+    for i in range(0, len(a_all), PAIR_BLOCK):
+        a, b = a_all[i: i + PAIR_BLOCK], b_all[i: i + PAIR_BLOCK]
+        mixed = torch.einsum("prf,prs->psf", left[a], gram[a, b].to(right.dtype))  # (p, r, F)
+        full = torch.fft.irfft(torch.einsum("psf,pjsf->pjf", mixed, right[b]), n=n)
         # lag d sits at index d mod n
         out.append(torch.cat([full[..., n - (length - 1):], full[..., :length]], dim=-1))
-    if not out:
-        return torch.zeros((0, len(versions), versions.shape[1], 2 * length - 1), device=temporal.device)
-    return torch.cat(out)
+    return torch.cat(out), index
 
 
-def update_objective(conv, xc, t, unit, j, a):
+def update_objective(conv, xc, index, t, unit, j, a):
     """conv (K, n_t) after subtracting version j of unit, scaled by a, at times t (n,): each
-    subtraction lowers every unit's dot products around it by the pair's cross-correlation (xc,
-    pair_correlations). In place."""
-    span = xc.shape[-1]
-    pos = t[:, None] + torch.arange(-(span // 2), span // 2 + 1, device=t.device)  # (n, 2L - 1)
-    ok = (pos >= 0) & (pos < conv.shape[1])
-    values = xc[:, unit, j] * a[None, :, None]  # (K, n, 2L - 1)
-    conv.index_add_(1, pos[ok], values[:, ok], alpha=-1)
+    subtraction lowers the dot products around it of every unit paired with it by the pair's
+    cross-correlation (xc, index: pair_correlations). In place."""
+    n_t, span = conv.shape[1], xc.shape[-1]
+    rows = index[:, unit]  # (K, n)
+    k, i = torch.nonzero(rows >= 0, as_tuple=True)
+    pos = t[i, None] + torch.arange(-(span // 2), span // 2 + 1, device=t.device)  # (m, 2L - 1)
+    ok = (pos >= 0) & (pos < n_t)
+    values = xc[rows[k, i], j[i]] * a[i, None]  # (m, 2L - 1)
+    conv.view(-1).index_add_(0, (k[:, None] * n_t + pos)[ok], values[ok], alpha=-1)
     return conv
 
 
@@ -466,7 +485,7 @@ class WhitenedFilter:
 
     def update(self, t, unit, j, a):
         """After subtracting version j of unit (indices into the matched templates) at times t, scaled by a."""
-        update_objective(self.conv, self.xc, t, unit, j, a)
+        update_objective(self.conv, *self.xc, t, unit, j, a)
 
 
 def matched_filter_thresholds(norms, conv, z, threshold):

@@ -9,14 +9,19 @@ from dartsort_si.matching import (LowRankTemplates, TemplateMatcher, noise_preci
                                   subtract_waveforms, time_locked_echoes, update_objective)
 
 
-def _objective_after_subtractions(times, n_t=3000, seed=0, whitened=False):
+def _objective_after_subtractions(times, n_t=3000, seed=0, whitened=False, apart=False):
     # low-rank templates with three sub-sample versions; each time subtracts a random version of
     # a random unit at a random scale, and the objective kept up by the pairwise correlations must
-    # equal a full convolution of the new residual (in the whitened metric for filter units)
+    # equal a full convolution of the new residual (in the whitened metric for filter units).
+    # apart: units on two disjoint groups of channels, and correlations kept only where spatial
+    # factors overlap (as past PAIR_MAX_BYTES)
     gen = torch.Generator().manual_seed(seed)
     n_units, n_up, rank, length, n_chans = 6, 3, 5, 121, 24
-    temps = LowRankTemplates(torch.randn(n_units, n_up, length, rank, generator=gen),
-                             torch.randn(n_units, rank, n_chans, generator=gen))
+    spatial = torch.randn(n_units, rank, n_chans, generator=gen)
+    if apart:
+        spatial[:3, :, 12:] = 0
+        spatial[3:, :, :12] = 0
+    temps = LowRankTemplates(torch.randn(n_units, n_up, length, rank, generator=gen), spatial)
     temporal = temps.temporal[:, n_up // 2].permute(0, 2, 1)  # (K, r, L)
     left = temps.spatial
     if whitened:
@@ -25,21 +30,25 @@ def _objective_after_subtractions(times, n_t=3000, seed=0, whitened=False):
     to_rank = left.reshape(-1, n_chans).T
     residual = torch.randn(n_t + length - 1, n_chans, generator=gen)
     conv = TemplateMatcher.convolve(residual @ to_rank, temporal)
-    xc = pair_correlations(temporal, left, temps.temporal, temps.spatial)
+    xc, index = pair_correlations(temporal, left, temps.temporal, temps.spatial, max_bytes=0 if apart else None)
+    if apart:
+        assert (index[:3, 3:] < 0).all() and (index[3:, :3] < 0).all() and (index[:3, :3] >= 0).all()
+        assert len(xc) == 18
     t = torch.as_tensor(times)
     unit = torch.randint(n_units, (len(t),), generator=gen)
     version = torch.randint(n_up, (len(t),), generator=gen)
     scale = 0.5 + torch.rand(len(t), generator=gen)
     subtract_waveforms(residual, temps.waveforms(unit, version) * scale[:, None, None], t)
-    updated = update_objective(conv, xc, t, unit, version, scale)
+    updated = update_objective(conv, xc, index, t, unit, version, scale)
     return updated, TemplateMatcher.convolve(residual @ to_rank, temporal)
 
 
 def test_objective_kept_up_by_pair_correlations_equals_a_full_convolution():
-    # a few spikes at both chunk edges and overlapping each other; a crowded chunk; whitened
-    for times, whitened in (([0, 7, 400, 450, 2999], False), (list(range(0, 3000, 40)), False),
-                            ([0, 60, 1500, 2999], True)):
-        updated, full = _objective_after_subtractions(times, whitened=whitened)
+    # a few spikes at both chunk edges and overlapping each other; a crowded chunk; whitened;
+    # units on disjoint channels with only overlapping pairs kept
+    for times, whitened, apart in (([0, 7, 400, 450, 2999], False, False), (list(range(0, 3000, 40)), False, False),
+                                   ([0, 60, 1500, 2999], True, False), (list(range(0, 3000, 90)), False, True)):
+        updated, full = _objective_after_subtractions(times, whitened=whitened, apart=apart)
         assert torch.allclose(updated, full, atol=1e-4 * float(full.abs().max()))
 
 
