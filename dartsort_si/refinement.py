@@ -96,7 +96,7 @@ SEPARATED_DPRIME = 10.0
 SEPARATED_PLACE_UM = 6.0
 SEPARATED_PLACE_DPRIME = 2.0
 # drift pieces (see drift_piece_units): clusters whose centres are this close, whose spikes'
-# displacements barely overlap (DRIFT_PIECE_SHARED below; medians >= 5 um apart) and whose
+# displacements barely overlap (DRIFT_PIECE_SHARED below) and whose
 # amplitudes where they meet (the 20% of each piece's spikes closest in displacement to the
 # other's) are within this ratio. `coexisting` (the split's and the mixture's test) still asks
 # that at most DRIFT_PIECE_OVERLAP of either's spikes lie inside the other's 10-90% displacement
@@ -109,20 +109,25 @@ DRIFT_PIECE_RADIUS_UM = 15.0
 DRIFT_PIECE_OVERLAP = 0.25
 DRIFT_PIECE_EDGE_PERCENT = 20
 DRIFT_PIECE_MAX_RATIO = 1.5
-DRIFT_PIECE_MIN_SHIFT_UM = 5.0
 # drift_piece_units asks that the pieces' displacement distributions share at most this much
 # (shared_displacements, 2 um bins). The range test above let a piece with spikes at both extremes
 # of the drift (-15 and +10..15 um) hide the piece between them (-12..2 um) of the same SNR-7 unit
 # (NP1 drifting seed 1, GT 35: two output units). On the clusters of the 15 held-out cases
 # (60 s x 128 ch, seeds 1-5), pairs within DRIFT_PIECE_RADIUS_UM: pieces of one unit shared
 # 0.01-0.14 of their displacements (one 11-spike impure piece 0.55), different units 0.40-0.95.
+# Their medians 5 um apart was asked too, until a piece at both extremes (-13..-5 and +7..+13 um,
+# 88 spikes at amplitude 8) had the median of the piece between them (-7..+11 um, 168 spikes at
+# 17.6) of the same SNR-11.5 unit (NP1 drifting seed 1, GT 7, e1e287f: two output units)
 DRIFT_PIECE_SHARED = 0.25
 DRIFT_PIECE_BIN_UM = 2.0
-# On matched spikes (drift_piece_units(..., where_shared=True)) two pieces are compared where both
-# fired, when each has this many spikes in the displacement range they share: their amplitudes
-# follow their drift-binned templates, which change fast with displacement near the probe
-# (NP1 drifting seed 5, GT 22: 14.5 at -12 um, 22.5 at -6 um, 34 at +5 um; 14.5 against 17.8 for
-# the two pieces at -12..-9 um)
+# Two pieces' amplitudes are compared at equal displacements where both fired (DRIFT_PIECE_BIN_UM
+# bins), when there are this many such spikes (the smaller count of each bin, summed); else on
+# their facing edges (DRIFT_PIECE_EDGE_PERCENT). A unit near the probe changes amplitude fast with
+# displacement (NP1 drifting seed 5, GT 22 matched: 14.5 at -12 um, 22.5 at -6 um, 34 at +5 um;
+# 14.5 against 17.8 for the two pieces at -12..-9 um), and edges a few um apart disagree: NP1
+# drifting seed 1's GT 7 (detections 21.8 at 0 um, 8.5 at -10 um) had edges 15.5 and 9.2, 1.69
+# apart, where at equal displacements its two pieces were 1.06-1.22 apart. Compared at equal
+# displacements on the matched spikes only until e1e287f.
 DRIFT_PIECE_SHARED_MIN_SPIKES = 5
 
 
@@ -564,7 +569,7 @@ def drop_known(new: Templates, known: Templates, rgeom, *, amplitude_boundary, r
 # -- one unit, several templates
 
 
-def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refractory, where_shared=False):
+def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refractory):
     """Unit id per cluster (an array indexed by cluster id): clusters that are the
     pieces of one neuron at different probe displacements share a unit.
 
@@ -580,8 +585,8 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
     piece at an extreme displacement is disjoint from every unit around it, and
     only its own unit meets it at its amplitude. Pieces keep their own
     templates (which fit their displacement range better than an average
-    would) and share an output unit. where_shared: amplitudes are compared where
-    both pieces fired, if they did (DRIFT_PIECE_SHARED_MIN_SPIKES).
+    would) and share an output unit. Amplitudes are compared where both pieces fired,
+    if they did (DRIFT_PIECE_SHARED_MIN_SPIKES).
     """
     ids = np.unique(labels[labels >= 0])
     units = np.arange(ids.max() + 1 if len(ids) else 0)
@@ -589,7 +594,7 @@ def drift_piece_units(labels, x, z_reg, drift_um, amplitudes, *, times, refracto
         return units
     groups = {int(u): np.flatnonzero(labels == u) for u in ids}
     while True:
-        best = _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory, where_shared)
+        best = _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory)
         pairs = [(a, b) for a, (b, _) in best.items() if a < b and best.get(b, (None,))[0] == a]
         if not pairs:
             break
@@ -644,7 +649,7 @@ def pieces_of_known_units(labels, units, first_new, x, z_reg, drift_um, amplitud
     return out
 
 
-def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory, where_shared=False):
+def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refractory):
     """{group: (partner, amplitude mismatch)}: each group's best drift-piece partner."""
     keys = list(groups)
     centres = np.array([[np.median(x[groups[k]]), np.median(z_reg[groups[k]])] for k in keys])
@@ -653,7 +658,7 @@ def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refracto
     for i, j in zip(*np.nonzero(np.triu(close, 1))):
         a, b = keys[i], keys[j]
         ma, mb = groups[a], groups[b]
-        mismatch = _drift_piece_mismatch(drift_um[ma], drift_um[mb], amplitudes[ma], amplitudes[mb], where_shared)
+        mismatch = _drift_piece_mismatch(drift_um[ma], drift_um[mb], amplitudes[ma], amplitudes[mb])
         if mismatch is None or _refractory_breach(times[ma], times[mb], refractory, amplitudes[ma], amplitudes[mb]):
             continue
         for u, v in ((a, b), (b, a)):
@@ -662,25 +667,39 @@ def _best_piece_partners(groups, x, z_reg, drift_um, amplitudes, times, refracto
     return best
 
 
-def _drift_piece_mismatch(drift_a, drift_b, amps_a, amps_b, where_shared=False):
+def _drift_piece_mismatch(drift_a, drift_b, amps_a, amps_b):
     """Amplitude ratio (>= 1) where the displacement ranges of two pieces meet, or
-    None when they are not pieces of one unit (ranges overlap, or amplitudes disagree)."""
-    if abs(np.median(drift_a) - np.median(drift_b)) < DRIFT_PIECE_MIN_SHIFT_UM:
-        return None
+    None when they are not pieces of one unit (displacements shared, or amplitudes disagree).
+    Their medians may coincide: a piece at both extremes of the drift around one in the middle.
+    Compared at equal displacements where both fired (_ratio_where_both_fired), else on the
+    spikes of each facing the other (_facing)."""
     if shared_displacements(drift_a, drift_b) > DRIFT_PIECE_SHARED:
         return None
-    in_a, in_b = _in_shared_range(drift_a, drift_b) if where_shared else (None, None)
-    if in_a is None or min(in_a.sum(), in_b.sum()) < DRIFT_PIECE_SHARED_MIN_SPIKES:
+    ratio = _ratio_where_both_fired(drift_a, drift_b, amps_a, amps_b)
+    if ratio is None:
         in_a, in_b = _facing(drift_a, drift_b), _facing(drift_b, drift_a)
-    near_a, near_b = np.median(amps_a[in_a]), np.median(amps_b[in_b])
-    ratio = max(near_a, near_b) / max(min(near_a, near_b), 1e-9)
+        near_a, near_b = np.median(amps_a[in_a]), np.median(amps_b[in_b])
+        ratio = max(near_a, near_b) / max(min(near_a, near_b), 1e-9)
     return ratio if ratio <= DRIFT_PIECE_MAX_RATIO else None
 
 
-def _in_shared_range(drift_a, drift_b):
-    """Masks of each piece's spikes inside the displacement range both cover."""
-    lo, hi = max(drift_a.min(), drift_b.min()), min(drift_a.max(), drift_b.max())
-    return (drift_a >= lo) & (drift_a <= hi), (drift_b >= lo) & (drift_b <= hi)
+def _ratio_where_both_fired(drift_a, drift_b, amps_a, amps_b, bin_um: float = DRIFT_PIECE_BIN_UM):
+    """Amplitude ratio (>= 1) of two pieces at equal displacements: over the displacement bins
+    (bin_um) where both fired, the geometric mean of the ratio of their median amplitudes there,
+    each bin weighted by the smaller of its two counts; None under DRIFT_PIECE_SHARED_MIN_SPIKES
+    in all. Near the probe a unit's amplitude changes fast with displacement (NP1 drifting seed 1,
+    GT 7: 21.8 at 0 um, 8.5 at -10 um), so amplitudes a few um apart are not comparable."""
+    lo = min(drift_a.min(), drift_b.min())
+    bin_a = np.floor((drift_a - lo) / bin_um).astype(np.int64)
+    bin_b = np.floor((drift_b - lo) / bin_um).astype(np.int64)
+    logs, weights = [], []
+    for k in np.intersect1d(bin_a, bin_b):
+        in_a, in_b = bin_a == k, bin_b == k
+        logs.append(np.log(max(np.median(amps_a[in_a]), 1e-9) / max(np.median(amps_b[in_b]), 1e-9)))
+        weights.append(min(in_a.sum(), in_b.sum()))
+    if sum(weights) < DRIFT_PIECE_SHARED_MIN_SPIKES:
+        return None
+    return float(np.exp(abs(np.average(logs, weights=weights))))
 
 
 def _facing(drift, other, percent=DRIFT_PIECE_EDGE_PERCENT):

@@ -569,7 +569,7 @@ def _join_drift_pieces(ctx, first, n_old, spikes, locs, units, motion_info):
     if not len(spikes):
         return units
     joined = refinement.drift_piece_units(units[spikes["unit_index"]], locs[:, 0], z_reg, drift,
-                                          spikes["amplitude"], where_shared=True, **kw)
+                                          spikes["amplitude"], **kw)
     unit_of = np.arange(max(int(units.max(initial=-1)) + 1, len(joined)))  # units without spikes stay
     unit_of[:len(joined)] = joined
     return unit_of[units]

@@ -614,13 +614,13 @@ def test_small_neighbours_at_two_places_stay_two_units(refine):
     assert _purity(out, truth) > 0.9
 
 
-def test_matched_drift_pieces_are_compared_where_both_fired():
+def test_drift_pieces_are_compared_where_both_fired():
     """NP1 drifting seed 5, GT 22 (SNR 22) after matching with drift-binned templates: one piece
     at -18..-9 um of displacement, the other at -12..+15 um, few spikes of either in -12..-9, the
     unit's amplitude flat below -12 um and climbing steeply above (near the probe). Their facing
     edges (the 20% of each piece nearest the other) sit at different displacements and differ
-    over 1.5x; where both fired (-12..-9 um) they agree. Compared there (where_shared, for matched
-    spikes) they are one unit; a neuron in the same place at half the amplitude stays apart."""
+    over 1.5x; where both fired (-12..-9 um) they agree: one unit. A neuron in the same place at
+    half the amplitude stays apart."""
     rng = np.random.default_rng(5)
     low = np.concatenate([rng.uniform(-18, -12, 90), rng.uniform(-12, -9, 15)])
     high = np.concatenate([rng.uniform(-12, -9, 15), rng.uniform(-9, 15, 360)])
@@ -633,7 +633,25 @@ def test_matched_drift_pieces_are_compared_where_both_fired():
     amps = np.where(labels == 2, 0.5, 1.0) * climbing * rng.uniform(0.95, 1.05, len(drift))
     # the probe moves steadily: each displacement has its time
     times = ((drift + 18.0) / 33.0 * (REFRACTORY[2] - 1)).astype(np.int64)
-    shared = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY, where_shared=True)
-    assert shared[0] == shared[1] != shared[2]
-    facing = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
-    assert facing[0] != facing[1]
+    units = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
+    assert units[0] == units[1] != units[2]
+
+
+def test_a_piece_at_both_ends_of_the_drift_joins_the_piece_between():
+    """NP1 drifting seed 1, GT 7 (SNR 11.5, near the probe: amplitude 21.8 at 0 um, 8.5 at
+    +-10 um): one piece at -6..+8 um, the other at both extremes (-12..-5 and +7..+12 um), so both
+    have median displacement ~0. Compared where both fired they are one unit; a neuron in the
+    same place at the extremes' amplitude firing at every displacement stays apart."""
+    rng = np.random.default_rng(7)
+    middle = rng.uniform(-6, 8, 170)
+    ends = np.concatenate([rng.uniform(-12, -5, 45), rng.uniform(7, 12, 45)])
+    other = rng.uniform(-12, 12, 150)
+    drift = np.concatenate([middle, ends, other])
+    labels = np.repeat([0, 1, 2], [len(middle), len(ends), len(other)])
+    x = 16.0 + rng.normal(0, 2, len(drift))
+    z = 959.0 + rng.normal(0, 2, len(drift))
+    peaked = 22.0 - 1.35 * np.abs(drift)
+    amps = np.where(labels == 2, 8.5, peaked) * rng.uniform(0.9, 1.1, len(drift))
+    times = np.sort(rng.choice(REFRACTORY[2], len(drift), replace=False))[rng.permutation(len(drift))]
+    units = drift_piece_units(labels, x, z, drift, amps, times=times, refractory=REFRACTORY)
+    assert units[0] == units[1] != units[2]
