@@ -331,7 +331,7 @@ class TemplateMatcher(PeakDetector):
                 thresholds[filter_mask] = matched_filter_thresholds(base_norm[filter_mask], conv[filter_mask],
                                                                     self.filter_threshold, self.threshold)
             else:
-                white = WhitenedFilter(self, residual, temporal[filter_mask], spatial[filter_mask], temps,
+                white = WhitenedFilter(residual, temporal[filter_mask], spatial[filter_mask], temps,
                                        self.precision, self.filter_threshold)
         for _ in range(MAX_ITERATIONS):
             scale, gain = self.best_scale(conv, base_norm[:, None])
@@ -474,9 +474,9 @@ class WhitenedFilter:
     (P: noise_precision), kept up to date as matching subtracts spikes; a template passes where
     its filter is over z times its noise sd (the filter's MAD over the chunk)."""
 
-    def __init__(self, matcher, residual, temporal, spatial, temps, precision, z):
+    def __init__(self, residual, temporal, spatial, temps, precision, z):
         white = wf.matmul(spatial, precision)  # (k, r, C)
-        self.conv = matcher.convolve(wf.matmul(residual, white.reshape(-1, residual.shape[1]).T), temporal)  # (k, n_t)
+        self.conv = TemplateMatcher.convolve(wf.matmul(residual, white.reshape(-1, residual.shape[1]).T), temporal)  # (k, n_t)
         self.xc = pair_correlations(temporal, white, temps.temporal, temps.spatial)
         self.level = z * filter_noise_sd(self.conv)[:, None]
 
