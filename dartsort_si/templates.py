@@ -117,6 +117,15 @@ class Templates:
         return Templates(np.concatenate([self.data, other.data]), np.concatenate([self.unit_ids, other.unit_ids]),
                          np.concatenate([self.counts, other.counts]), self.n_before, bins, bin_counts)
 
+    def replaced(self, index, other: "Templates") -> "Templates":
+        """A copy whose templates at index (positions) are other's (same order), bins and counts too."""
+        out = copy.deepcopy(self)
+        out.data[index], out.counts[index] = other.data, other.counts
+        if out.bins is not None:
+            bins, bin_counts = other._bins_or_empty(self)
+            out.bins[index], out.bin_counts[index] = bins, bin_counts
+        return out
+
     def _bins_or_empty(self, like):
         """(bins, bin_counts), zeros (no spike in any bin) shaped like `like`'s where not measured."""
         if self.bins is not None:

@@ -357,7 +357,7 @@ def test_a_greedy_new_unit_is_left_out_after_a_sample_of_the_chunks(monkeypatch)
     ctx = SimpleNamespace(rec=rec, cfg=SimpleNamespace(chunk_length_samples=fs))
     seen = []
 
-    def rematch(ctx, temps, new, spikes, locs, motion_info, small, slices=None):
+    def rematch(ctx, temps, new, spikes, locs, motion_info, small, refreshed=(), slices=None):
         seen.extend(start // fs for _, start, _ in slices)
         units = [2] * 50 + [3]  # templates 0, 1 old; 2, 3 new
         extra = np.zeros(len(units) * len(slices), dtype=spike_dtype)
@@ -399,3 +399,59 @@ def test_old_units_small_somewhere_are_matched_again_with_new_ones():
                           fs=rec.sampling_frequency)
     motion = MotionInfo.from_motion_est(geom=geom, rgeom=geom)
     assert _small_somewhere(ctx, temps, motion).tolist() == [False, True]
+
+
+def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_where_smaller():
+    # a small unit's cluster holds the detections that noise pushed over the threshold, so its
+    # template is too big (static NP1 seed 5, GT 11: matching took 62% of its spikes). After the
+    # first pass it is averaged again from the spikes matching gave it; a mean that would be
+    # bigger (other units' spikes among them) leaves the cluster's template
+    from types import SimpleNamespace
+
+    from dartsort_si import steps
+    from dartsort_si.config import load_config
+    from dartsort_si.matching import spike_dtype
+    from dartsort_si.motion_info import MotionInfo
+    from dartsort_si.templates import Templates
+
+    rng = np.random.default_rng(3)
+    n, n_chans, length, n_before = 150_000, 8, 121, 42
+    geom = np.c_[np.zeros(n_chans), np.arange(n_chans) * 20.0]
+    t = np.arange(length) - n_before
+    wave = -np.exp(-0.5 * (t / 4.0) ** 2) + 0.4 * np.exp(-0.5 * ((t - 12) / 8.0) ** 2)
+    unit = (3.0 * wave[:, None] * np.exp(-np.abs(geom[:, 1] - 70.0) / 30.0)[None]).astype(np.float32)
+    times = np.arange(1000, n - 1000, 300)
+    traces = rng.standard_normal((n, n_chans)).astype(np.float32)
+    for s in times:
+        traces[s - n_before: s - n_before + length] += unit
+    cfg = load_config({})
+    ctx = SimpleNamespace(rec=_on_probe(traces, geom), cfg=cfg, job_kwargs=dict(n_jobs=1, progress_bar=False),
+                          window=SimpleNamespace(n_before=n_before, n_after=length - n_before))
+    motion = MotionInfo.from_motion_est(geom=geom, rgeom=geom)
+    spikes = np.zeros(len(times), dtype=spike_dtype)
+    spikes["sample_index"] = times
+    locs = np.zeros((len(times), 4), np.float32)
+    locs[:, 2] = 70.0
+    limit = steps.REFRESH_NORM_FACTOR * cfg.matching_threshold ** 2
+    true_norm = np.square(unit).sum()
+
+    def refreshed(size, count):
+        temps = Templates(size * unit[None], np.array([0]), np.array([count]), n_before)
+        assert np.square(temps.data).sum() < limit
+        return steps._refreshed_small_templates(ctx, temps, spikes, locs, motion)
+
+    out, which = refreshed(1.3, 30)  # a cluster of 30 spikes, 1.3x too big
+    assert which.tolist() == [0] and out.counts[0] == len(times)
+    assert abs(np.square(out.data[0]).sum() / true_norm - 1) < 0.15
+    assert np.linalg.norm(out.data[0] - unit) < 0.3 * np.linalg.norm(unit)
+    out, which = refreshed(0.7, 30)  # the matched spikes' mean would be bigger: kept
+    assert which.tolist() == [] and np.allclose(out.data[0], 0.7 * unit)
+    out, which = refreshed(1.3, len(times))  # the cluster held as many spikes as matching took
+    assert which.tolist() == []
+    # a unit whose peak stands well over the detection threshold: its detections are not biased
+    tall = np.zeros_like(unit)
+    tall[:, 3] = 6.0 * wave
+    assert steps.detection_bias(6.0, cfg.voltage_threshold) < steps.REFRESH_MIN_BIAS
+    temps = Templates(tall[None], np.array([0]), np.array([30]), n_before)
+    assert np.square(tall).sum() < limit
+    assert steps._refreshed_small_templates(ctx, temps, spikes, locs, motion)[1].tolist() == []
