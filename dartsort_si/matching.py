@@ -429,14 +429,39 @@ def pair_correlations(temporal, spatial, versions, spatial_right, max_bytes=None
     index[a_all, b_all] = torch.arange(len(a_all), device=temporal.device)
     right = torch.fft.rfft(versions.transpose(2, 3), n=n)  # (K2, U, r, F)
     left = torch.fft.rfft(temporal, n=n).conj()  # (K1, r, F)
-    out = [torch.zeros((0, n_up, span), device=temporal.device)]
+    if keep.all():
+        return _all_pairs(left, gram, right, n, length), index
+    return _some_pairs(left, gram, right, n, length, a_all, b_all), index
+
+
+def _lags(full, n, length):
+    """(..., 2 length - 1) lags -(length - 1)..length - 1 of inverse FFTs of size n (lag d at d mod n)."""
+    return torch.cat([full[..., n - (length - 1):], full[..., :length]], dim=-1)
+
+
+def _all_pairs(left, gram, right, n, length):
+    """(K1 K2, U, 2L - 1) pair_correlations for every pair, k1-major, a block of
+    units of left at a time against all of right, as matrix products: batched over the pairs (the
+    products of gathered rows) took 3x longer (60 against 19 ms, 40 units x rank 5, 4 versions)."""
+    k1, k2, n_up = left.shape[0], right.shape[0], right.shape[1]
+    right = right.permute(0, 3, 2, 1)  # (K2, F, r, U)
+    step = max(1, PAIR_BLOCK // k2)
+    out = []
+    for i in range(0, k1, step):
+        mixed = torch.matmul(gram[i: i + step].transpose(2, 3).to(left.dtype), left[i: i + step, None])  # (A, K2, r, F)
+        prod = torch.matmul(mixed.permute(1, 3, 0, 2), right)  # (K2, F, A, U)
+        out.append(_lags(torch.fft.irfft(prod.permute(2, 0, 3, 1), n=n), n, length).reshape(-1, n_up, 2 * length - 1))
+    return torch.cat(out) if out else torch.zeros((0, n_up, 2 * length - 1), device=left.device)
+
+
+def _some_pairs(left, gram, right, n, length, a_all, b_all):
+    """(P, U, 2L - 1) as _all_pairs for the pairs (a_all, b_all), PAIR_BLOCK at a time."""
+    out = [torch.zeros((0, right.shape[1], 2 * length - 1), device=left.device)]
     for i in range(0, len(a_all), PAIR_BLOCK):
         a, b = a_all[i: i + PAIR_BLOCK], b_all[i: i + PAIR_BLOCK]
-        mixed = torch.einsum("prf,prs->psf", left[a], gram[a, b].to(right.dtype))  # (p, r, F)
-        full = torch.fft.irfft(torch.einsum("psf,pjsf->pjf", mixed, right[b]), n=n)
-        # lag d sits at index d mod n
-        out.append(torch.cat([full[..., n - (length - 1):], full[..., :length]], dim=-1))
-    return torch.cat(out), index
+        mixed = torch.bmm(gram[a, b].transpose(1, 2).to(left.dtype), left[a])  # (p, r, F)
+        out.append(_lags(torch.fft.irfft((right[b] * mixed[:, None]).sum(2), n=n), n, length))
+    return torch.cat(out)
 
 
 def update_objective(conv, xc, index, t, unit, j, a):
