@@ -512,6 +512,16 @@ def selection_bias_factor(scores, threshold, lowest=0.5) -> float:
     return float(np.clip(0.5 * (lo + hi) / observed, lowest, 1.0))
 
 
+def detection_bias(peak, threshold):
+    """Relative excess of the mean of a unit's detections over its peak amplitude (in noise sd,
+    unit-variance noise on its main channel) when only those over threshold are kept: for peak p
+    and a = p - threshold, E[x | x > threshold] / p - 1 = pdf(a) / cdf(a) / p (steps.REFRESH_MIN_BIAS)."""
+    peak = np.asarray(peak, float)
+    a = peak - threshold
+    mills = np.exp(-0.5 * a * a - log_ndtr(a)) / np.sqrt(2 * np.pi)  # stable for very negative a
+    return mills / np.maximum(peak, 1e-9)
+
+
 def drop_time_locked(labels, times, spike_times, spike_units, *, window, duration, min_lag):
     """Labels of leftover events (times) with the clusters time-locked to a matched unit set
     to -1: LOCKED_FRACTION of a cluster's events or more at hot lags of one unit's spikes,

@@ -59,15 +59,16 @@ SMALL_SOMEWHERE_TIMES = 20
 # dot product with the unit's spikes (median 136), which raises the share of them over the
 # threshold from 0.62 to 0.83. Refreshed: units under REFRESH_NORM_FACTOR x matching_threshold^2
 # whose peak is near enough to the detection threshold for its detections to average over
-# REFRESH_MIN_BIAS above it (detection_bias: peak 4.7 noise sd at voltage_threshold 3), where
-# matching took more spikes than the cluster held and their mean is the smaller. A unit well over
-# the threshold gains nothing and risks a neighbour's spikes in its mean: NP1 drifting seed 1,
-# GT 16 (SNR 5.8, peak 5.0) with 70 spikes of GT 17 (SNR 2.2) among its 255 came out as a
-# template between the two and merged them (0.86 -> 0.73). Rematch from templates1 of the 24
-# draws (seeds 1-8 of NP1 and NP2 drifting, static NP1): NP1 seed 2 (GT 25, 0.76 -> 0.86), static
-# seed 5 (GT 11, 0.70 -> 0.80) and static seed 7 (GT 20, 0.76 -> 0.98) +1 well-detected unit each,
-# no other draw's count changed, and no ground-truth unit's accuracy fell by over 0.05 but NP1 seed
-# 7's GT 23 (SNR 2.4), split between two units before and after (47 + 89 -> 57 + 79 spikes).
+# REFRESH_MIN_BIAS above it (refinement.detection_bias: a peak of 4.7 noise sd at
+# voltage_threshold 3), where matching took more spikes than the cluster held and their mean is
+# the smaller. A unit well over the threshold gains nothing and risks a neighbour's spikes in its
+# mean: NP1 drifting seed 1, GT 16 (SNR 5.8, peak 5.0) with 70 spikes of GT 17 (SNR 2.2) among its
+# 255 came out as a template between the two and merged them (0.86 -> 0.73). Rematch from
+# templates1 of the 24 draws (seeds 1-8 of NP1 and NP2 drifting, static NP1): NP1 seed 2 (GT 25,
+# 0.76 -> 0.86), static seed 5 (GT 11, 0.70 -> 0.80) and static seed 7 (GT 20, 0.76 -> 0.98) +1
+# well-detected unit each, no other draw's count changed, and no ground-truth unit's accuracy fell
+# by over 0.05 but NP1 seed 7's GT 23 (SNR 2.4), split between two units before and after (47 + 89
+# -> 57 + 79 spikes).
 REFRESH_NORM_FACTOR = 4.0
 REFRESH_MIN_BIAS = 0.02
 MIN_UNIT_SPIKES = 20
@@ -603,7 +604,8 @@ def _refreshed_small_templates(ctx, temps, spikes, locs, motion_info):
     REFRESH_NORM_FACTOR)."""
     counts = np.bincount(spikes["unit_index"], minlength=temps.n_units)
     norms = np.square(temps.data).sum((1, 2))
-    biased = detection_bias(np.abs(temps.data).max((1, 2)), ctx.cfg.voltage_threshold) > REFRESH_MIN_BIAS
+    peaks = np.abs(temps.data).max((1, 2))
+    biased = refinement.detection_bias(peaks, ctx.cfg.voltage_threshold) > REFRESH_MIN_BIAS
     which = np.flatnonzero((norms < REFRESH_NORM_FACTOR * ctx.cfg.matching_threshold ** 2) & biased
                            & (counts > temps.counts) & (counts >= MIN_UNIT_SPIKES))
     if not len(which):
@@ -625,16 +627,6 @@ def _refreshed_small_templates(ctx, temps, spikes, locs, motion_info):
         logger.info("dartsort: %d small units' templates averaged again from the spikes matching took",
                     len(which))
     return temps.replaced(which, fresh), which
-
-
-def detection_bias(peak, threshold):
-    """Relative excess of the mean of a unit's detections over its peak amplitude (in noise sd,
-    unit-variance noise on its main channel) when only those over threshold are kept: for peak p
-    and a = p - threshold, E[x | x > threshold] / p - 1 = pdf(a) / cdf(a) / p."""
-    from scipy.stats import norm
-
-    a = np.asarray(peak, float) - threshold
-    return norm.pdf(a) / np.maximum(norm.cdf(a), 1e-12) / np.maximum(np.asarray(peak, float), 1e-9)
 
 
 def _taken_from(first, spikes, units, n_old, tolerance):

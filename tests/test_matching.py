@@ -408,7 +408,7 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
     # bigger (other units' spikes among them) leaves the cluster's template
     from types import SimpleNamespace
 
-    from dartsort_si import steps
+    from dartsort_si import refinement, steps
     from dartsort_si.config import load_config
     from dartsort_si.matching import spike_dtype
     from dartsort_si.motion_info import MotionInfo
@@ -451,7 +451,7 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
     # a unit whose peak stands well over the detection threshold: its detections are not biased
     tall = np.zeros_like(unit)
     tall[:, 3] = 6.0 * wave
-    assert steps.detection_bias(6.0, cfg.voltage_threshold) < steps.REFRESH_MIN_BIAS
+    assert refinement.detection_bias(6.0, cfg.voltage_threshold) < steps.REFRESH_MIN_BIAS
     temps = Templates(tall[None], np.array([0]), np.array([30]), n_before)
     assert np.square(tall).sum() < limit
     assert steps._refreshed_small_templates(ctx, temps, spikes, locs, motion)[1].tolist() == []
