@@ -608,6 +608,8 @@ def _refreshed_small_templates(ctx, temps, spikes, locs, motion_info):
     biased = refinement.detection_bias(peaks, ctx.cfg.voltage_threshold) > REFRESH_MIN_BIAS
     which = np.flatnonzero((norms < REFRESH_NORM_FACTOR * ctx.cfg.matching_threshold ** 2) & biased
                            & (counts > temps.counts) & (counts >= MIN_UNIT_SPIKES))
+    if len(which):  # a unit matching takes by its matched filter somewhere has its neighbours' spikes too
+        which = which[~_small_somewhere(ctx, temps, motion_info)[which]]
     if not len(which):
         return temps, which
     of = np.isin(spikes["unit_index"], which)
