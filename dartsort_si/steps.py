@@ -60,15 +60,21 @@ SMALL_SOMEWHERE_TIMES = 20
 # threshold from 0.62 to 0.83. Refreshed: units under REFRESH_NORM_FACTOR x matching_threshold^2
 # whose peak is near enough to the detection threshold for its detections to average over
 # REFRESH_MIN_BIAS above it (refinement.detection_bias: a peak of 4.7 noise sd at
-# voltage_threshold 3), where matching took more spikes than the cluster held and their mean is
-# the smaller. A unit well over the threshold gains nothing and risks a neighbour's spikes in its
-# mean: NP1 drifting seed 1, GT 16 (SNR 5.8, peak 5.0) with 70 spikes of GT 17 (SNR 2.2) among its
-# 255 came out as a template between the two and merged them (0.86 -> 0.73). Rematch from
-# templates1 of the 24 draws (seeds 1-8 of NP1 and NP2 drifting, static NP1): NP1 seed 2 (GT 25,
-# 0.76 -> 0.86), static seed 5 (GT 11, 0.70 -> 0.80) and static seed 7 (GT 20, 0.76 -> 0.98) +1
-# well-detected unit each, no other draw's count changed, and no ground-truth unit's accuracy fell
-# by over 0.05 but NP1 seed 7's GT 23 (SNR 2.4), split between two units before and after (47 + 89
-# -> 57 + 79 spikes).
+# voltage_threshold 3), that matching does not take by their matched filter anywhere
+# (_small_somewhere), where matching took more spikes than the cluster held and their mean is the
+# smaller. Each guard stands for a unit lost without it. A unit well over the threshold gains
+# nothing and risks a neighbour's spikes in its mean: NP1 drifting seed 1, GT 16 (SNR 5.8, peak
+# 5.0) with 70 spikes of GT 17 (SNR 2.2) among its 255 came out as a template between the two and
+# merged them (0.86 -> 0.73). The same pair at 120 s, GT 16's peak under the bias limit there: a
+# unit taken by its matched filter takes its neighbours' spikes at any decrease
+# (SMALL_UNIT_FACTOR), so their mean is no estimate of its own (35 -> 37 well detected with the
+# filter guard). A bigger mean took other units' spikes in (static seed 5, GT 38, SNR 4.7: squared
+# norm 216 -> 245, 152 -> 131 of its 163 spikes). Rematch from templates1 of the 24 draws (seeds
+# 1-8 of NP1 and NP2 drifting, static NP1): static seeds 5 (GT 11, 0.70 -> 0.80) and 7 (GT 20,
+# 0.76 -> 0.98) +1 well-detected unit each, no other draw's count changed (without the filter
+# guard NP1 seed 2 also gained GT 25, 0.76 -> 0.86, a unit taken by its filter somewhere), and no
+# ground-truth unit's accuracy fell by over 0.05 but NP1 seed 7's GT 23 (SNR 2.4), split between
+# two units before and after.
 REFRESH_NORM_FACTOR = 4.0
 REFRESH_MIN_BIAS = 0.02
 MIN_UNIT_SPIKES = 20
@@ -599,16 +605,16 @@ def _join_drift_pieces(ctx, first, n_old, spikes, locs, units, motion_info):
 
 def _refreshed_small_templates(ctx, temps, spikes, locs, motion_info):
     """(templates, indices of the refreshed ones): the templates of the small units near the
-    detection threshold averaged again from the spikes the first pass matched to them, where it
-    matched more than their clusters held and the new mean is the smaller (see
-    REFRESH_NORM_FACTOR)."""
+    detection threshold, not taken by their matched filter anywhere, averaged again from the spikes
+    the first pass matched to them, where it matched more than their clusters held and the new
+    mean is the smaller (see REFRESH_NORM_FACTOR)."""
     counts = np.bincount(spikes["unit_index"], minlength=temps.n_units)
     norms = np.square(temps.data).sum((1, 2))
     peaks = np.abs(temps.data).max((1, 2))
     biased = refinement.detection_bias(peaks, ctx.cfg.voltage_threshold) > REFRESH_MIN_BIAS
     which = np.flatnonzero((norms < REFRESH_NORM_FACTOR * ctx.cfg.matching_threshold ** 2) & biased
                            & (counts > temps.counts) & (counts >= MIN_UNIT_SPIKES))
-    if len(which):  # a unit matching takes by its matched filter somewhere has its neighbours' spikes too
+    if len(which):  # matched by its filter somewhere, a unit has its neighbours' spikes too
         which = which[~_small_somewhere(ctx, temps, motion_info)[which]]
     if not len(which):
         return temps, which

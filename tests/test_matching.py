@@ -412,6 +412,7 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
     from dartsort_si.config import load_config
     from dartsort_si.matching import spike_dtype
     from dartsort_si.motion_info import MotionInfo
+    from dartsort_si.subtraction import Geometry
     from dartsort_si.templates import Templates
 
     rng = np.random.default_rng(3)
@@ -426,7 +427,8 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
         traces[s - n_before: s - n_before + length] += unit
     cfg = load_config({})
     ctx = SimpleNamespace(rec=_on_probe(traces, geom), cfg=cfg, job_kwargs=dict(n_jobs=1, progress_bar=False),
-                          window=SimpleNamespace(n_before=n_before, n_after=length - n_before))
+                          window=SimpleNamespace(n_before=n_before, n_after=length - n_before),
+                          geometry=Geometry.build(geom, cfg), device="cpu", fs=30_000.0)
     motion = MotionInfo.from_motion_est(geom=geom, rgeom=geom)
     spikes = np.zeros(len(times), dtype=spike_dtype)
     spikes["sample_index"] = times
@@ -448,6 +450,10 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
     assert which.tolist() == [] and np.allclose(out.data[0], 0.7 * unit)
     out, which = refreshed(1.3, len(times))  # the cluster held as many spikes as matching took
     assert which.tolist() == []
+    # a unit small enough for matching to take it by its matched filter (squared norm under
+    # SMALL_UNIT_FACTOR x threshold): its matched spikes hold its neighbours' too
+    assert np.square(1.2 * unit).sum() < steps.SMALL_UNIT_FACTOR * cfg.matching_threshold ** 2
+    assert refreshed(1.2, 30)[1].tolist() == []
     # a unit whose peak stands well over the detection threshold: its detections are not biased
     tall = np.zeros_like(unit)
     tall[:, 3] = 6.0 * wave
