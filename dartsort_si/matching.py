@@ -529,7 +529,7 @@ def matched_filter_thresholds(norms, conv, z, threshold):
 def filter_noise_sd(conv):
     """(K,) noise sd of each row of (K, n_t) matched-filter outputs: their MAD, which the
     spikes in them barely move."""
-    return 1.4826 * (conv - conv.median(1, keepdim=True).values).abs().median(1).values
+    return 1.4826 * row_mads(conv)
 
 
 class LowRankTemplates:
@@ -646,9 +646,13 @@ def matched_filter_score(traces: torch.Tensor, prototype: torch.Tensor, spatial:
     per_channel = full[:, length - 1 - n_before: length - 1 - n_before + n].T
     score = wf.matmul(per_channel, spatial)
     sample = score[::MAD_STRIDE].T.contiguous()
-    centre = row_medians(sample)
-    mad = row_medians((sample - centre[:, None]).abs()) / 0.6745
+    mad = row_mads(sample) / 0.6745
     return per_channel, score / mad.clamp(min=1e-6)
+
+
+def row_mads(x: torch.Tensor) -> torch.Tensor:
+    """(n,) median absolute deviation of each row of (n, m) from its median (row_medians)."""
+    return row_medians((x - row_medians(x)[:, None]).abs())
 
 
 def row_medians(x: torch.Tensor) -> torch.Tensor:

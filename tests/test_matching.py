@@ -464,9 +464,10 @@ def test_a_small_units_template_is_averaged_again_from_its_matched_spikes_only_w
 
 
 def test_row_medians_through_numpy_equal_torchs_lower_median():
-    from dartsort_si.matching import row_medians
+    from dartsort_si.matching import row_mads, row_medians
 
     g = torch.Generator().manual_seed(0)
     for m in (7, 8, 6097):
         x = torch.randn(5, m, generator=g)
         assert torch.equal(row_medians(x), x.median(1).values)
+        assert torch.equal(row_mads(x), (x - x.median(1, keepdim=True).values).abs().median(1).values)
