@@ -114,14 +114,6 @@ LEFTOVER_THRESHOLD = 5.0
 # matching1 of the 24 draws: at 4.5, static seeds 1, 4, 8 and NP2 seed 1 +1 each, NP1 seed 8 -1
 # (GT 34, SNR 2.9: 28 spikes on no GT spike); at 5.0 (18 draws) only static seed 4 +1, NP1 seed 8 -1.
 NEW_UNIT_FILTER_Z = 4.5
-# a unit found among the leftovers whose (shrunk) template spans under this many noise sd from
-# trough to peak is dropped. Over the 24 draws (seeds 1-8 of the three 60 s x 128 ch cases) 14 new
-# units were that small: none well detected (best 0.67), 9 with 30-60% of their spikes on no GT
-# spike; NP1 drifting seed 5's (1.8 sd, 158 spikes, 95 on no GT spike) took the smaller spikes of
-# GT 11 (SNR 2.2) from its unit. Rematch from matching1 with the floor: the same well-detected
-# count on all 24, 14 units fewer, GT 11 there 0.66 -> 0.77; three partial units of SNR 1.7-2.4
-# GT units (0.52-0.67) gone.
-LEFTOVER_MIN_PTP = 2.0
 # log-amplitude axis scale in clustering: a factor e in amplitude spans this many um
 AMPLITUDE_SCALE_UM = 50.0
 DECOLLIDER_MAX_SECONDS = 120.0  # cap for long recordings; short ones get less (see fit_models)
@@ -874,9 +866,8 @@ def leftover_templates(ctx, temps, spikes, leftovers, motion_info, first_id) -> 
     factors = [refinement.selection_bias_factor(leftovers["score"][labels == u], LEFTOVER_THRESHOLD)
                for u in new.unit_ids]
     new = new.scaled(factors)
-    # and once shrunk, a template must still be no known unit's, and stand out of the noise
+    # and once shrunk, a template must still be no known unit's
     new = _unexplained(ctx, new, temps, motion_info)
-    new = new.subset(new.ptp() >= LEFTOVER_MIN_PTP)
     new = new.renumbered(np.arange(first_id, first_id + new.n_units))
     logger.info("dartsort: %d new units from %d events no template explained", new.n_units, len(leftovers))
     return new

@@ -471,37 +471,3 @@ def test_row_medians_through_numpy_equal_torchs_lower_median():
         x = torch.randn(5, m, generator=g)
         assert torch.equal(row_medians(x), x.median(1).values)
         assert torch.equal(row_mads(x), (x - x.median(1, keepdim=True).values).abs().median(1).values)
-
-
-def test_a_unit_found_among_the_leftovers_under_two_noise_sd_is_dropped(monkeypatch):
-    # the leftover events of a unit whose spikes span 1.8 noise sd trough to peak cluster into a
-    # unit, dropped (steps.LEFTOVER_MIN_PTP); one of 3.3 sd is kept
-    from types import SimpleNamespace
-
-    from dartsort_si import steps
-    from dartsort_si.config import load_config
-    from dartsort_si.matching import spike_dtype
-    from dartsort_si.motion_info import MotionInfo
-    from dartsort_si.subtraction import Geometry
-    from dartsort_si.templates import Templates
-
-    def new_units(size):
-        rec, geom, template, n_before, times = _small_unit_recording(size)
-        matcher = _small_unit_matcher(rec, geom, template, n_before, leftover_threshold=steps.LEFTOVER_THRESHOLD)
-        leftovers = matcher.leftovers(torch.as_tensor(rec.get_traces()), start_frame=matcher.get_margin())
-        cfg, length = load_config({}), len(template)
-        ctx = steps.Context(rec=rec, out=None, cfg=cfg, device="cpu", job_kwargs=dict(n_jobs=1, progress_bar=False),
-                            geometry=Geometry.build(geom, cfg), timer=None,
-                            window=SimpleNamespace(n_before=n_before, n_after=length - n_before))
-        none = Templates(np.zeros((0, length, len(geom)), np.float32), np.zeros(0, int), np.zeros(0, int), n_before)
-        motion = MotionInfo.from_motion_est(geom=geom, rgeom=geom)
-        return steps.leftover_templates(ctx, none, np.zeros(0, dtype=spike_dtype), leftovers, motion, 0)
-
-    small = new_units(1.45)
-    assert small.n_units == 0
-    monkeypatch.setattr(steps, "LEFTOVER_MIN_PTP", 0.0)
-    small = new_units(1.45)
-    assert small.n_units == 1 and small.ptp()[0] < 2.0
-    monkeypatch.setattr(steps, "LEFTOVER_MIN_PTP", 2.0)
-    big = new_units(2.6)
-    assert big.n_units == 1 and big.ptp()[0] > 3.0
