@@ -52,9 +52,7 @@ MEMORY_CACHE_FRACTION = 0.25
 # ("defrag" set to madvise, the common default) and memory is fragmented (a page cache holding
 # other files), each fault waits for a compaction. This VM: 2.3 GB filled in 8.0-10.6 s through
 # numpy, 0.6-1.9 s through mmap; 57% of the 300 s x 128 ch sort's preprocessing samples (py-spy)
-# were that fill. Its pages are mapped in at once (MAP_POPULATE, Linux), not one fault per 4 kB
-# page at the first write: 4.6 GB (300 s x 128 ch) allocated and written in 1.4, 1.4, 5.0, 1.4 s
-# against 5.5, 11.6, 2.6, 3.7 s, alternating in fresh processes on this VM.
+# were that fill.
 
 
 def check_recording(recording, chunk_length_samples: int | None = None):
@@ -337,14 +335,6 @@ def available_memory_bytes() -> int | None:
             return None
 
 
-def _anonymous_memory(size: int) -> mmap.mmap:
-    """size bytes of zeroed memory outside numpy's allocator, mapped in at once where the
-    platform can (MAP_POPULATE)."""
-    if hasattr(mmap, "MAP_POPULATE"):
-        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-    return mmap.mmap(-1, size)
-
-
 def cache_in_memory(rec, n_threads: int, chunk_size: int, threads: bool = True):
     """The preprocessed recording computed once into memory (a NumpyRecording with rec's probe
     and properties), or rec itself when its traces would take over MEMORY_CACHE_FRACTION of the
@@ -363,7 +353,7 @@ def cache_in_memory(rec, n_threads: int, chunk_size: int, threads: bool = True):
         logger.info("Preprocessed traces (%.1f GB) not kept in memory (%s): each step filters its reads "
                     "again. copy_recording_to_tmpdir=True saves them to disk once instead.", size / 1e9, why)
         return rec
-    traces = np.frombuffer(_anonymous_memory(size), dtype=rec.get_dtype()).reshape(n, c) if size else \
+    traces = np.frombuffer(mmap.mmap(-1, size), dtype=rec.get_dtype()).reshape(n, c) if size else \
         np.empty((n, c), dtype=rec.get_dtype())
     starts = range(0, n, chunk_size)
 
