@@ -27,6 +27,10 @@ from .localization import localize_amplitude_vectors
 MAX_PEEL_ITERATIONS = 50
 CHANNEL_GATE = 2.0
 PREFILTER_FRACTION = 0.5
+# candidates cut per block in the prefilter: a whole chunk's crossings at once (~9,000 on 60 s x
+# 128 ch NP1, 8 channels x 121 samples each: 35 MB) is memory the allocator maps and faults in
+# afresh every round
+PREFILTER_BLOCK = 1024
 MIN_NN_BATCH = 4
 # rows per NN call. On one thread the net took 4.2 us per row in batches of 256-512 against
 # 14.7 us in batches of 4096 (its activations then outgrow the cache); NP2 drifting seed 4's
@@ -431,8 +435,8 @@ class SubtractionPeeler(PeakDetector):
         # (T, C) laid out channel by channel: peel's cuts read each channel's samples in a run
         # (wf.cut_channel_major) straight from it, where a (C, T) copy of the residual every
         # round took 3% of a 300 s sort (py-spy)
-        residual = x.T.contiguous().T
-        times, chans, waves = self.peel(residual) if self.subtract else self.detect(residual)
+        residual, by_channel = wf.with_zero_channel(x)
+        times, chans, waves = self.peel(residual, by_channel) if self.subtract else self.detect(residual)
         times, waves = self.align(times, waves)
         margin = self.get_margin()
         keep = (times >= margin) & (times < len(x) - margin)
@@ -449,8 +453,11 @@ class SubtractionPeeler(PeakDetector):
         snips = wf.cut(residual, t, c, g.subtraction_index, w.offsets(self.device))
         return t, c, self.denoiser(snips, wf.neighbour_mask(g.subtraction_index, c))
 
-    def peel(self, residual):
+    def peel(self, residual, by_channel=None):
+        """by_channel: the residual laid out (C, T), with a row of zeros after the last channel
+        (wf.with_zero_channel) or without."""
         g, w = self.geometry, self.window
+        by_channel = residual.T if by_channel is None else by_channel
         offsets = w.offsets(self.device)
         valid = (w.n_before, len(residual) - w.n_after)
         last = None
@@ -466,7 +473,6 @@ class SubtractionPeeler(PeakDetector):
                 t, c = t[near], c[near]
             if not len(t):
                 break
-            by_channel = residual.T  # (C, T), contiguous: a view, not a copy
             t, c = self.prefilter(by_channel, t, c)
             if not len(t):
                 break
@@ -527,8 +533,11 @@ class SubtractionPeeler(PeakDetector):
         crossings are noise, and the full neighbourhood costs ~5x more to look at.
         by_channel: the residual laid out (C, T)."""
         g = self.geometry
-        snips = wf.cut_channel_major(by_channel, t, c, g.dedup_index, self.window.offsets(self.device))
-        keep = self.denoiser.cheap_decrease(snips, wf.neighbour_mask(g.dedup_index, c)) > PREFILTER_FRACTION * self.accept
+        offsets = self.window.offsets(self.device)
+        keep = torch.cat([
+            self.denoiser.cheap_decrease(wf.cut_channel_major(by_channel, tb, cb, g.dedup_index, offsets),
+                                         wf.neighbour_mask(g.dedup_index, cb)) > PREFILTER_FRACTION * self.accept
+            for tb, cb in zip(t.split(PREFILTER_BLOCK), c.split(PREFILTER_BLOCK))])
         return t[keep], c[keep]
 
     def collision_cleaned(self, residual, times, chans, waves, segment_index):
