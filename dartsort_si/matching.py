@@ -119,7 +119,8 @@ def fractional_shifts(data: np.ndarray, n_up: int) -> np.ndarray:
 class TemplateMatcher(PeakDetector):
     def __init__(self, recording, templates: Templates, motion_info, cfg, geometry, device="cpu",
                  with_features=True, leftover_threshold=None, dedup_samples=7, known=None, match_units=None,
-                 filter_units=None, filter_threshold=None, precision=None, small_unit_factor=0.0):
+                 filter_units=None, filter_threshold=None, precision=None, small_unit_factor=0.0,
+                 leftover_chunks=None):
         """leftover_threshold: also return the residual's threshold crossings at this level
         (after matching: events no template explains) as a third output, with their
         amplitude and point-source (x, z) on the residual.
@@ -130,7 +131,9 @@ class TemplateMatcher(PeakDetector):
         filter_units: indices of templates taken when their matched filter on the residual is
         over filter_threshold (in noise sd) as well (matched_filter_thresholds).
         precision: (C, C) inverse noise covariance (noise_precision): the filter units' matched
-        filter is then measured in the noise-whitened metric (WhitenedFilter)."""
+        filter is then measured in the noise-whitened metric (WhitenedFilter).
+        leftover_chunks: (chunk_size, stride): look for leftover events only in the chunks
+        (start_frame // chunk_size) that are multiples of stride (None: in all)."""
         super().__init__(recording, return_output=True)
         self.filter_mask = torch.zeros(templates.n_units, dtype=torch.bool, device=device)
         if filter_units is not None:
@@ -141,6 +144,7 @@ class TemplateMatcher(PeakDetector):
         self.known = known
         self.match_units = None if match_units is None else torch.as_tensor(np.asarray(match_units), device=device)
         self.leftover_threshold = leftover_threshold
+        self.leftover_chunks = leftover_chunks
         # the prototype has the units' polarity, so their spikes score positive
         self.leftover_sign = "both" if cfg.peak_sign == "both" else "pos"
         self.dedup_samples = dedup_samples
@@ -262,6 +266,10 @@ class TemplateMatcher(PeakDetector):
     def _with_leftovers(self, out, residual, start_frame):
         if self.leftover_threshold is None:
             return out
+        if self.leftover_chunks is not None:
+            size, stride = self.leftover_chunks
+            if (start_frame // size) % stride:
+                return out + (np.zeros(0, dtype=leftover_dtype),)
         return out + (self.leftovers(residual, start_frame),)
 
     def leftovers(self, residual, start_frame):

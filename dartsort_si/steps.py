@@ -48,6 +48,12 @@ MAX_REMATCHES = 2
 # leftover events took 1244 spikes and the whole rematch ran again without it (matching 48 -> 65 s).
 GREEDY_PROBE_FRACTION = 0.1
 GREEDY_PROBE_MIN_CHUNKS = 5
+# On recordings longer than twice this, matching's first pass looks for leftover events in every
+# k-th chunk only, k = duration // LEFTOVER_COVER_S (leftover_stride): the leftover search was 20% of
+# matching's samples on 300 s x 128 ch NP1 (py-spy), and 150 s of events is 2.5 times what the
+# 60 s benchmark recordings, whose units it finds, give. The counts the new units are judged
+# by (_greedy_units, _spikes_of_kept_new_units) are their events scaled by k.
+LEFTOVER_COVER_S = 150.0
 # times at which the rematch looks for old units that are small somewhere (_small_somewhere)
 SMALL_SOMEWHERE_TIMES = 20
 # After the first pass a small unit's template is averaged again from the spikes matching gave it
@@ -150,6 +156,11 @@ class Context:
     @property
     def dedup_samples(self):
         return max(1, int(round(DEDUP_MS * self.fs / 1000)))
+
+    @property
+    def leftover_stride(self):
+        """Matching's first pass looks for leftover events in every k-th chunk (LEFTOVER_COVER_S)."""
+        return max(1, int(self.rec.get_total_duration() // LEFTOVER_COVER_S))
 
 
 def copy_recording(rec, out, cfg, job_kwargs):
@@ -671,7 +682,7 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info, refreshed=()):
         return temps, spikes, locs
     for _ in range(MAX_REMATCHES):
         more, both, both_locs = _rematch(ctx, temps, new, spikes, locs, motion_info, small, refreshed)
-        greedy_old, greedy_new = _greedy_units(spikes, both, n_old, new.counts)
+        greedy_old, greedy_new = _greedy_units(spikes, both, n_old, new.counts * ctx.leftover_stride)
         if len(greedy_old) or not len(greedy_new):
             break
         new = new.subset(~np.isin(np.arange(new.n_units), greedy_new))
@@ -680,7 +691,7 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info, refreshed=()):
     if len(greedy_old) or len(greedy_new):
         logger.warning("dartsort: units found among the leftovers took others' spikes; kept the first pass")
         return temps, spikes, locs
-    keep = _spikes_of_kept_new_units(both, n_old, new.counts)
+    keep = _spikes_of_kept_new_units(both, n_old, new.counts * ctx.leftover_stride)
     return more, both[keep], both_locs[keep]
 
 
@@ -697,7 +708,7 @@ def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info, small, refreshed=(
     extra = _rematch(ctx, temps, new, spikes, None, motion_info, small, refreshed, slices=sample)[1]
     counts = np.bincount(extra["unit_index"], minlength=temps.n_units + new.n_units)[temps.n_units:]
     scaled = counts * ctx.rec.get_num_samples(0) / n_samples
-    greedy = np.flatnonzero(_over_new_unit_limit(scaled, new.counts))
+    greedy = np.flatnonzero(_over_new_unit_limit(scaled, new.counts * ctx.leftover_stride))
     if len(greedy):
         logger.info("dartsort: new units %s greedy on %d sampled chunks (%s events -> %s spikes there); left out",
                     greedy.tolist(), n_probe, np.asarray(new.counts)[greedy].tolist(), counts[greedy].tolist())
@@ -821,7 +832,8 @@ def _match_pass(ctx, temps, motion_info, leftovers=False, known=None, match_unit
                            leftover_threshold=LEFTOVER_THRESHOLD if leftovers else None,
                            dedup_samples=ctx.dedup_samples, known=known, match_units=match_units,
                            filter_units=filter_units, filter_threshold=NEW_UNIT_FILTER_Z,
-                           precision=_noise_precision(ctx), small_unit_factor=SMALL_UNIT_FACTOR)
+                           precision=_noise_precision(ctx), small_unit_factor=SMALL_UNIT_FACTOR,
+                           leftover_chunks=(ctx.job_kwargs["chunk_size"], ctx.leftover_stride))
     outs = _run_nodes(ctx, node, slices, "matching")
     spikes, locs = outs[0], outs[1]
     order = np.argsort(spikes["sample_index"], kind="stable")

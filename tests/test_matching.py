@@ -179,6 +179,30 @@ def test_leftover_search_finds_spikes_too_small_for_any_one_channel():
     assert (~near).sum() <= 0.1 * len(found)
 
 
+def test_leftover_search_on_every_kth_chunk_only():
+    # long recordings look for leftover events in every k-th chunk (steps.leftover_stride):
+    # chunks 0 and 2 of 0-3 give the events a search of every chunk gives there, 1 and 3 none
+    from spikeinterface.core.node_pipeline import run_node_pipeline
+    from dartsort_si.steps import LEFTOVER_THRESHOLD
+
+    rec, geom, template, n_before, _ = _small_unit_recording(2.6)
+    job = dict(n_jobs=1, chunk_size=7500, progress_bar=False)
+
+    # matched with the same waveform 14 channels away: the unit's spikes are left over
+    elsewhere = np.roll(template, -14, axis=1)
+
+    def events(**kwargs):
+        matcher = _small_unit_matcher(rec, geom, elsewhere, n_before, leftover_threshold=LEFTOVER_THRESHOLD,
+                                      **kwargs)
+        return run_node_pipeline(rec, [matcher], job, squeeze_output=False)[2]["sample_index"]
+
+    every = events()
+    some = events(leftover_chunks=(7500, 2))
+    in_even = (every // 7500) % 2 == 0
+    assert in_even.sum() > 0 and (~in_even).sum() > 0
+    np.testing.assert_array_equal(np.sort(some), np.sort(every[in_even]))
+
+
 def test_units_found_by_the_matched_filter_are_matched_by_it():
     # a template of squared norm ~50, under matching_threshold^2 = 64: the decrease alone takes a
     # minority of its spikes, the matched filter at NEW_UNIT_FILTER_Z nearly all, and no noise
@@ -354,7 +378,7 @@ def test_a_greedy_new_unit_is_left_out_after_a_sample_of_the_chunks(monkeypatch)
 
     fs, n_chunks = 30_000, 60
     rec = SimpleNamespace(get_num_samples=lambda segment=0: n_chunks * fs)
-    ctx = SimpleNamespace(rec=rec, cfg=SimpleNamespace(chunk_length_samples=fs))
+    ctx = SimpleNamespace(rec=rec, cfg=SimpleNamespace(chunk_length_samples=fs), leftover_stride=1)
     seen = []
 
     def rematch(ctx, temps, new, spikes, locs, motion_info, small, refreshed=(), slices=None):
