@@ -303,10 +303,11 @@ class TemplateMatcher(PeakDetector):
         """Point-source fit on the collision-cleaned waveform: residual + own scaled template."""
         g = self.geometry
         offsets = torch.arange(-self.n_before, self.length - self.n_before, device=self.device)
-        own = temps.waveforms(units, ups) * scales[:, None, None]  # (n, L, C)
-        own = torch.cat([own, torch.zeros_like(own[:, :, :1])], dim=2)
-        cols = g.localization_index[chans]
-        own = torch.gather(own, 2, cols[:, None, :].expand(-1, self.length, -1))
+        cols = g.localization_index[chans]  # (n, K_loc), padding: C
+        # each spike's own template on its localization channels only (K_loc of C)
+        spatial = torch.cat([temps.spatial, torch.zeros_like(temps.spatial[:, :, :1])], dim=2)[units]
+        spatial = torch.gather(spatial, 2, cols[:, None, :].expand(-1, spatial.shape[1], -1))  # (n, r, K_loc)
+        own = (temps.temporal[units, ups] @ spatial) * scales[:, None, None]  # (n, L, K_loc)
         cleaned = wf.cut(residual, times, chans, g.localization_index, offsets) + own
         amps = torch.where(wf.neighbour_mask(g.localization_index, chans), wf.ptp(cleaned), torch.nan)
         locs = localize_amplitude_vectors(amps, chans.cpu().numpy(), g.geom,
