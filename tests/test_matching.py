@@ -14,7 +14,7 @@ def _objective_after_subtractions(times, n_t=3000, seed=0, whitened=False, apart
     # a random unit at a random scale, and the objective kept up by the pairwise correlations must
     # equal a full convolution of the new residual (in the whitened metric for filter units).
     # apart: units on two disjoint groups of channels, and correlations kept only where spatial
-    # factors overlap (as past PAIR_MAX_BYTES)
+    # factors overlap
     gen = torch.Generator().manual_seed(seed)
     n_units, n_up, rank, length, n_chans = 6, 3, 5, 121, 24
     spatial = torch.randn(n_units, rank, n_chans, generator=gen)
@@ -30,7 +30,7 @@ def _objective_after_subtractions(times, n_t=3000, seed=0, whitened=False, apart
     to_rank = left.reshape(-1, n_chans).T
     residual = torch.randn(n_t + length - 1, n_chans, generator=gen)
     conv = TemplateMatcher.convolve(residual @ to_rank, temporal)
-    xc, index = pair_correlations(temporal, left, temps.temporal, temps.spatial, max_bytes=0 if apart else None)
+    xc, index = pair_correlations(temporal, left, temps.temporal, temps.spatial)
     if apart:
         assert (index[:3, 3:] < 0).all() and (index[3:, :3] < 0).all() and (index[:3, :3] >= 0).all()
         assert len(xc) == 18
