@@ -269,6 +269,26 @@ def test_cut_from_channel_major_traces_equals_cut():
     got = wf.cut_channel_major(traces.T.contiguous(), times, chans, index, offsets)
     assert got.shape == expected.shape == (4, 60, index.shape[1])
     assert torch.equal(got, expected)
+    # the residual with a row of zeros after its last channel: padding read from that row
+    residual, by_channel = wf.with_zero_channel(traces)
+    assert torch.equal(residual, traces) and by_channel.shape == (13, 500) and not by_channel[12].any()
+    assert torch.equal(wf.cut_channel_major(by_channel, times, chans, index, offsets), expected)
+
+
+@pytest.mark.parametrize("peak_sign", ["neg", "pos", "both"])
+def test_find_peaks_the_same_on_traces_laid_out_by_channel(peak_sign):
+    from dartsort_si.channels import make_channel_index
+
+    rng = np.random.default_rng(2)
+    geom = np.array([[0.0, 20.0 * i] for i in range(12)])
+    index = torch.as_tensor(make_channel_index(geom, 45.0))
+    traces = torch.as_tensor(rng.standard_normal((3000, 12)), dtype=torch.float32)
+    by_channel = traces.T.contiguous().T  # the same values, laid out channel by channel
+    for valid in (None, (50, 2950)):  # crossings at the very ends take the row-major path
+        expected = wf.find_peaks(traces, 2.5, peak_sign, index, 7, valid=valid)
+        got = wf.find_peaks(by_channel, 2.5, peak_sign, index, 7, valid=valid)
+        assert len(expected[0]) > 20
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
 @pytest.mark.parametrize("by_channel", [False, True])
