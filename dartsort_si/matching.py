@@ -44,11 +44,11 @@ MAX_ITERATIONS = 200
 # pair_correlations: pairs per block (its complex intermediates are block x U x r x 129 at L = 121);
 # only pairs whose spatial factors overlap: the norm of their Gram matrix over PAIR_OVERLAP times
 # the product of their norms (a left-out pair's update would have been about that share of the
-# two templates' norms, or less). Kept once for hundreds of units on long probes; with every pair
-# kept below 256 MB of correlations, 45% of the pairs of a 60 s x 128 ch NP1 case's 39 units
-# were updated for nothing. Pruned always, rematch from templates1 of the 24 held-out draws and
-# the 300 s case: the same accuracy for every ground-truth unit, matching 309 against 330 s
-# in all, 45.8 against 50.8 s at 300 s.
+# two templates' norms, or less). This once applied only past 256 MB of correlations (hundreds of
+# units on long probes); below that every pair was kept, and 45% of the pairs of a 60 s x 128 ch
+# NP1 case's 39 units updated the objective for nothing. Applied always (rematch from templates1
+# of the 24 held-out draws and the 300 s case): the same accuracy for every ground-truth unit,
+# matching 309 against 330 s in all, 45.8 against 50.8 s at 300 s.
 PAIR_BLOCK = 512
 PAIR_OVERLAP = 1e-3
 REFRACTORY_SAMPLES = 10
