@@ -52,7 +52,8 @@ GREEDY_PROBE_MIN_CHUNKS = 5
 # k-th chunk only, k = duration // LEFTOVER_COVER_S (leftover_stride): the leftover search was 20% of
 # matching's samples on 300 s x 128 ch NP1 (py-spy), and 150 s of events is 2.5 times what the
 # 60 s benchmark recordings, whose units it finds, give. The counts the new units are judged
-# by (_greedy_units, _spikes_of_kept_new_units, _greedy_on_a_sample) are their events scaled by k.
+# by (_greedy_units, _spikes_of_kept_new_units, _greedy_on_a_sample) are their events scaled by k
+# (_leftover_events).
 # 300 s x 128 ch NP1 (rematch from matching1, two runs each): matching 61-62 against 76 s, 37/40
 # well detected either way, 40 units against 42.
 LEFTOVER_COVER_S = 150.0
@@ -684,7 +685,7 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info, refreshed=()):
         return temps, spikes, locs
     for _ in range(MAX_REMATCHES):
         more, both, both_locs = _rematch(ctx, temps, new, spikes, locs, motion_info, small, refreshed)
-        greedy_old, greedy_new = _greedy_units(spikes, both, n_old, new.counts * ctx.leftover_stride)
+        greedy_old, greedy_new = _greedy_units(spikes, both, n_old, _leftover_events(ctx, new))
         if len(greedy_old) or not len(greedy_new):
             break
         new = new.subset(~np.isin(np.arange(new.n_units), greedy_new))
@@ -693,7 +694,7 @@ def _match_new_units(ctx, temps, new, spikes, locs, motion_info, refreshed=()):
     if len(greedy_old) or len(greedy_new):
         logger.warning("dartsort: units found among the leftovers took others' spikes; kept the first pass")
         return temps, spikes, locs
-    keep = _spikes_of_kept_new_units(both, n_old, new.counts * ctx.leftover_stride)
+    keep = _spikes_of_kept_new_units(both, n_old, _leftover_events(ctx, new))
     return more, both[keep], both_locs[keep]
 
 
@@ -710,7 +711,7 @@ def _greedy_on_a_sample(ctx, temps, new, spikes, motion_info, small, refreshed=(
     extra = _rematch(ctx, temps, new, spikes, None, motion_info, small, refreshed, slices=sample)[1]
     counts = np.bincount(extra["unit_index"], minlength=temps.n_units + new.n_units)[temps.n_units:]
     scaled = counts * ctx.rec.get_num_samples(0) / n_samples
-    greedy = np.flatnonzero(_over_new_unit_limit(scaled, new.counts * ctx.leftover_stride))
+    greedy = np.flatnonzero(_over_new_unit_limit(scaled, _leftover_events(ctx, new)))
     if len(greedy):
         logger.info("dartsort: new units %s greedy on %d sampled chunks (%s events -> %s spikes there); left out",
                     greedy.tolist(), n_probe, np.asarray(new.counts)[greedy].tolist(), counts[greedy].tolist())
@@ -788,6 +789,12 @@ def _without_tiny_units(spikes, locs, units):
                     MIN_UNIT_SPIKES, counts[counts < MIN_UNIT_SPIKES].sum())
     keep = ~np.isin(of_spike, tiny)
     return spikes[keep], locs[keep]
+
+
+def _leftover_events(ctx, new):
+    """Each new unit's leftover events over the whole recording: those its template was averaged
+    from, times the stride of the chunks the first pass searched (Context.leftover_stride)."""
+    return new.counts * ctx.leftover_stride
 
 
 def _greedy_units(before, after, n_old, new_events):

@@ -144,6 +144,21 @@ def test_preprocessed_traces_are_kept_in_memory_when_they_fit(gt_data, monkeypat
     assert pre.cache_in_memory(rec, 2, 10_000) is rec
 
 
+def test_mad_noise_levels_are_spikeinterfaces(gt_data):
+    """mad_noise_levels measures what get_noise_levels(method="mad") does, on the same chunks:
+    the same values, on a highpassed recording whose channels differ in noise."""
+    from spikeinterface.core import get_noise_levels
+
+    from dartsort_si import preprocessing as pre
+
+    rec = pre.ZeroPhaseHighpass(gt_data[0], freq_min=pre.HIGHPASS_HZ)
+    expected = get_noise_levels(rec, method="mad", return_in_uV=False,
+                                random_slices_kwargs=pre._noise_slices(rec), progress_bar=False)
+    got = pre.mad_noise_levels(rec)
+    assert got.shape == (rec.get_num_channels(),) and np.all(got > 0)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_highpass_matches_spikeinterfaces_and_survives_a_dc_offset():
     """ZeroPhaseHighpass is highpass_filter's Butterworth (order 5, forward and backward) through
     the FFT: the same traces inside the recording, bit for bit at its ends (sosfiltfilt there),
