@@ -284,11 +284,32 @@ def test_find_peaks_the_same_on_traces_laid_out_by_channel(peak_sign):
     index = torch.as_tensor(make_channel_index(geom, 45.0))
     traces = torch.as_tensor(rng.standard_normal((3000, 12)), dtype=torch.float32)
     by_channel = traces.T.contiguous().T  # the same values, laid out channel by channel
-    for valid in (None, (50, 2950)):  # crossings at the very ends take the row-major path
+    for valid in (None, (50, 2950)):  # with and without crossings at the very ends
         expected = wf.find_peaks(traces, 2.5, peak_sign, index, 7, valid=valid)
         got = wf.find_peaks(by_channel, 2.5, peak_sign, index, 7, valid=valid)
         assert len(expected[0]) > 20
         assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+@pytest.mark.parametrize("peak_sign", ["neg", "pos", "both"])
+def test_find_peaks_numpy_path_finds_the_torch_paths_peaks(peak_sign):
+    """The CPU search (numpy, crossings' windows read lag by lag) against the torch one CUDA
+    runs, on both layouts, with crossings at the chunk's ends and on some rows only."""
+    from dartsort_si.channels import make_channel_index
+
+    rng = np.random.default_rng(4)
+    geom = np.array([[16.0 * (i % 2), 20.0 * (i // 2)] for i in range(24)])
+    index = torch.as_tensor(make_channel_index(geom, 50.0))
+    traces = torch.as_tensor(rng.standard_normal((3000, 24)), dtype=torch.float32)
+    traces[0, 3] = traces[2999, 5] = -9.0 if peak_sign != "pos" else 9.0  # crossings at the ends
+    rows = torch.unique(torch.cat([torch.arange(0, 30), torch.arange(700, 1500), torch.arange(2980, 3000)]))
+    for layout in (traces, traces.T.contiguous().T):
+        for valid, some in (((0, 3000), None), ((40, 2960), None), ((0, 3000), rows)):
+            args = (layout, 2.5, peak_sign, index, 7, *valid, some)
+            got, expected = wf._peaks_numpy(*args), wf._peaks_torch(*args)
+            assert len(expected[0]) > 20
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, expected))
+        assert (wf._peaks_numpy(layout, 2.5, peak_sign, index, 7, 0, 3000, None)[0] == 0).any()
 
 
 @pytest.mark.parametrize("by_channel", [False, True])
