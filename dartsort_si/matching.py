@@ -482,7 +482,10 @@ def update_objective(conv, xc, index, t, unit, j, a):
     pos = t[i, None] + torch.arange(-(span // 2), span // 2 + 1, device=t.device)  # (m, 2L - 1)
     ok = (pos >= 0) & (pos < n_t)
     values = xc[rows[k, i], j[i]] * a[i, None]  # (m, 2L - 1)
-    conv.view(-1).index_add_(0, (k[:, None] * n_t + pos)[ok], values[ok], alpha=-1)
+    at = k[:, None] * n_t + pos
+    if conv.device.type == "cpu":  # masked and added in numpy (wf.index_add)
+        at, values, ok = at.numpy(), values.numpy(), ok.numpy()
+    wf.index_add(conv.view(-1), at[ok], values[ok], alpha=-1)
     return conv
 
 
