@@ -1,4 +1,4 @@
-"""Localization of spikes (point source, or exponential decay), batched in torch.
+"""Localization of spikes (point source, or exponential decay), batched: numpy on the CPU, torch on CUDA.
 
 Each spike is modelled as a point current source at (x, y, z) with y > 0 the
 distance from the probe plane; the amplitude seen on a channel at (x_c, z_c) is
@@ -102,12 +102,17 @@ def localize_amplitude_vectors(
     channel_index = _as_numpy(channel_index).astype(np.int64)
 
     out = np.empty((len(amplitudes), fit_model.n_params + 1), dtype=np.float64)  # + alpha
+    # on the CPU the fit runs in numpy: a chunk's fit (subtraction's, matching's) is a few hundred
+    # spikes, where torch's ~10 us per operation (30 iterations of ~45) took most of the time:
+    # 200 spikes 10-13 against 17-23 ms; 1000 the same; 4096 193 against 161 ms (one thread).
+    # Matching's and subtraction's fits were 19 s of a 300 s x 128 ch sort's CPU (py-spy).
+    in_numpy = device.type == "cpu"
     for start in range(0, len(amplitudes), batch_size):
         sl = slice(start, start + batch_size)
         amps, xc, zc, mask, main_xz = _neighborhood_batch(
-            amplitudes[sl], main_channels[sl], geom, channel_index, radius_um, device
+            amplitudes[sl], main_channels[sl], geom, channel_index, radius_um, None if in_numpy else device
         )
-        out[sl] = _fit_batch(amps, xc, zc, mask, main_xz, n_iter, fit_model).cpu().numpy()
+        out[sl] = _as_numpy(_fit_batch(amps, xc, zc, mask, main_xz, n_iter, fit_model))
     return out
 
 
@@ -151,6 +156,8 @@ def _neighborhood_batch(amplitudes, main_channels, geom, channel_index, radius_u
 
     amps = np.where(mask, amplitudes, 0.0)
     positions = np.where(mask[:, :, None], positions, 0.0)
+    if device is None:  # fitted in numpy
+        return amps, positions[..., 0], positions[..., 1], mask.astype(np.float64), main_xz
     to = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)  # noqa: E731
     return to(amps), to(positions[..., 0]), to(positions[..., 1]), to(mask), to(main_xz)
 
@@ -170,13 +177,13 @@ class _PointSource:
     bounds = (_LOGY_BOUNDS,)
 
     @staticmethod
-    def basis(dx, y, dz, extra, grad=True):
+    def basis(dx, y, dz, extra, grad=True, xp=torch):
         """q_c, and dq_c/dparam for every parameter when grad: (B, K) and (B, K, P)."""
-        q = torch.rsqrt(dx * dx + y * y + dz * dz)
+        q = 1 / xp.sqrt(dx * dx + y * y + dz * dz)
         if not grad:
             return q, None
         q3 = q * q * q
-        return q, torch.stack([-dx * q3, -y * y * q3, -dz * q3], dim=2)
+        return q, xp.stack([-dx * q3, -y * y * q3, -dz * q3], 2)
 
 
 class _ExponentialDecay:
@@ -193,89 +200,112 @@ class _ExponentialDecay:
     bounds = (_LOGY_BOUNDS, (3, np.log(DECAY_MIN_FIT_UM), np.log(DECAY_MAX_FIT_UM)))
 
     @staticmethod
-    def basis(dx, y, dz, extra, grad=True):
-        s = extra[0].exp()[:, None]
-        r = torch.sqrt(dx * dx + y * y + dz * dz)
-        q = torch.exp(-r / s)
+    def basis(dx, y, dz, extra, grad=True, xp=torch):
+        s = xp.exp(extra[0])[:, None]
+        r = xp.sqrt(dx * dx + y * y + dz * dz)
+        q = xp.exp(-r / s)
         if not grad:
             return q, None
         g = -q / (s * r)  # dq/dr divided by r
-        return q, torch.stack([g * dx, g * y * y, g * dz, q * r / s], dim=2)
+        return q, xp.stack([g * dx, g * y * y, g * dz, q * r / s], 2)
 
 
 _MODELS = dict(pointsource=_PointSource, exponential=_ExponentialDecay)
 
 
 def _fit_batch(amps, xc, zc, mask, main_xz, n_iter, model=_PointSource):
-    """Levenberg-Marquardt over a batch; returns (B, P + 1) x, y, z, alpha[, decay]."""
-    x, z, ok = _center_of_mass(amps, xc, zc, mask, main_xz)
-    theta = torch.stack([x, torch.full_like(x, np.log(Y_START_UM)), z]
-                        + [torch.full_like(x, v) for v in model.start], dim=1)
-    alpha, loss = _profile_alpha(amps, xc, zc, mask, theta, model)
-    lam = torch.full_like(x, LAMBDA_START)
+    """Levenberg-Marquardt over a batch; returns (B, P + 1) x, y, z, alpha[, decay]. numpy arrays
+    (the CPU) or torch tensors (CUDA), the same steps: a chunk's fit is ~50 steps x 30 iterations
+    on a few hundred spikes, where torch's ~10 us per operation took most of the time (one
+    thread, 200 spikes: 18 ms)."""
+    xp = torch if torch.is_tensor(amps) else np
+    x, z, ok = _center_of_mass(amps, xc, zc, mask, main_xz, xp)
+    theta = xp.stack([x, xp.full_like(x, np.log(Y_START_UM)), z]
+                     + [xp.full_like(x, v) for v in model.start], 1)
+    alpha, loss = _profile_alpha(amps, xc, zc, mask, theta, model, xp)
+    lam = xp.full_like(x, LAMBDA_START)
 
     for _ in range(n_iter):
-        theta_new = _lm_step(amps, xc, zc, mask, theta, alpha, lam, model)
-        alpha_new, loss_new = _profile_alpha(amps, xc, zc, mask, theta_new, model)
+        theta_new = _lm_step(amps, xc, zc, mask, theta, alpha, lam, model, xp)
+        alpha_new, loss_new = _profile_alpha(amps, xc, zc, mask, theta_new, model, xp)
         # accept per spike only if the loss went down; otherwise damp harder.
         # Spikes that must fall back never move.
         accept = ok & (loss_new < loss)
-        theta = torch.where(accept[:, None], theta_new, theta)
-        alpha = torch.where(accept, alpha_new, alpha)
-        loss = torch.where(accept, loss_new, loss)
-        lam = torch.where(accept, lam / 3, lam * 3).clamp(LAMBDA_MIN, LAMBDA_MAX)
+        theta = xp.where(accept[:, None], theta_new, theta)
+        alpha = xp.where(accept, alpha_new, alpha)
+        loss = xp.where(accept, loss_new, loss)
+        lam = xp.clip(xp.where(accept, lam / 3, lam * 3), LAMBDA_MIN, LAMBDA_MAX)
 
-    cols = [theta[:, 0], theta[:, 1].exp(), theta[:, 2], alpha] + [v.exp() for v in theta[:, 3:].T]
-    return torch.stack(cols, dim=1)
+    cols = [theta[:, 0], xp.exp(theta[:, 1]), theta[:, 2], alpha] + [xp.exp(v) for v in theta[:, 3:].T]
+    return xp.stack(cols, 1)
 
 
-def _center_of_mass(amps, xc, zc, mask, main_xz):
+def _center_of_mass(amps, xc, zc, mask, main_xz, xp):
     """Amplitude-weighted (x, z) start, and which spikes have enough data to fit."""
-    weights = amps.clamp(min=0) * mask
-    total = weights.sum(dim=1)
-    ok = (total > 0) & (mask.sum(dim=1) >= MIN_CHANNELS)
-    safe_total = torch.where(total > 0, total, 1.0)
+    weights = xp.clip(amps, 0, None) * mask
+    total = weights.sum(1)
+    ok = (total > 0) & (mask.sum(1) >= MIN_CHANNELS)
+    safe_total = xp.where(total > 0, total, 1.0)
     # with no positive amplitude at all, stay on the main channel
-    x = torch.where(total > 0, (weights * xc).sum(dim=1) / safe_total, main_xz[:, 0])
-    z = torch.where(total > 0, (weights * zc).sum(dim=1) / safe_total, main_xz[:, 1])
+    x = xp.where(total > 0, (weights * xc).sum(1) / safe_total, main_xz[:, 0])
+    z = xp.where(total > 0, (weights * zc).sum(1) / safe_total, main_xz[:, 1])
     return x, z, ok
 
 
-def _basis(xc, zc, theta, model, grad=True):
+def _basis(xc, zc, theta, model, grad, xp):
     dx = theta[:, 0, None] - xc
     dz = theta[:, 2, None] - zc
-    y = theta[:, 1].exp()[:, None]
-    return model.basis(dx, y, dz, theta[:, 3:].T, grad)
+    y = xp.exp(theta[:, 1])[:, None]
+    return model.basis(dx, y, dz, theta[:, 3:].T, grad, xp)
 
 
-def _profile_alpha(amps, xc, zc, mask, theta, model):
+def _profile_alpha(amps, xc, zc, mask, theta, model, xp):
     """Closed-form best alpha >= 0 for a fixed position, and the resulting loss."""
-    q, _ = _basis(xc, zc, theta, model, grad=False)
+    q, _ = _basis(xc, zc, theta, model, False, xp)
     q = q * mask
-    num = (amps * q).sum(dim=1)
-    den = (q * q).sum(dim=1)
-    alpha = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0).clamp(min=0)
+    num = (amps * q).sum(1)
+    den = (q * q).sum(1)
+    alpha = xp.clip(xp.where(den > 0, num / xp.where(den > 0, den, 1.0), 0.0), 0, None)
     resid = (amps - alpha[:, None] * q) * mask
-    return alpha, (resid * resid).sum(dim=1)
+    return alpha, (resid * resid).sum(1)
 
 
-def _lm_step(amps, xc, zc, mask, theta, alpha, lam, model):
+def _lm_step(amps, xc, zc, mask, theta, alpha, lam, model, xp):
     """One damped Gauss-Newton step on (theta, alpha); returns the new theta."""
-    q, dq = _basis(xc, zc, theta, model)
+    q, dq = _basis(xc, zc, theta, model, True, xp)
     # d(residual)/d(param) with residual = a - alpha * q
-    jac = torch.cat([-alpha[:, None, None] * dq, -q[:, :, None]], dim=2) * mask[:, :, None]
+    jac = xp.concatenate([-alpha[:, None, None] * dq, -q[:, :, None]], 2) * mask[:, :, None]
     resid = (amps - alpha[:, None] * q) * mask
 
-    hess = jac.transpose(1, 2) @ jac  # (B, P+1, P+1)
-    grad = (jac * resid[:, :, None]).sum(dim=1)
-    diag = torch.diagonal(hess, dim1=1, dim2=2)
+    hess = jac.swapaxes(1, 2) @ jac  # (B, P+1, P+1)
+    grad = (jac * resid[:, :, None]).sum(1)
+    diag = xp.diagonal(hess, 0, 1, 2)
     # Marquardt scaling by diag(H), plus a floor so a zero column stays solvable
-    floor = 1e-12 * diag.amax(dim=1, keepdim=True) + 1e-30
-    damped = hess + torch.diag_embed(lam[:, None] * (diag + floor) + floor)
-    step, info = torch.linalg.solve_ex(damped, -grad[:, :, None])
-    step = step[..., :-1, 0]  # alpha is profiled, not stepped
-    good = (info == 0) & torch.isfinite(step).all(dim=1)
-    theta = theta + torch.where(good[:, None], step, 0.0)
+    floor = 1e-12 * xp.amax(diag, 1)[:, None] + 1e-30
+    eye = xp.eye(hess.shape[1], dtype=hess.dtype) if xp is np else torch.eye(hess.shape[1], dtype=hess.dtype,
+                                                                              device=hess.device)
+    damped = hess + eye * (lam[:, None] * (diag + floor) + floor)[:, :, None]
+    step, good = _solve(damped, -grad, xp)
+    step = step[:, :-1]  # alpha is profiled, not stepped
+    good = good & xp.isfinite(step).all(1)
+    theta = theta + xp.where(good[:, None], step, 0.0)
     for col, lo, hi in model.bounds:
-        theta[:, col] = theta[:, col].clamp(lo, hi)
+        theta[:, col] = xp.clip(theta[:, col], lo, hi)
     return theta
+
+
+def _solve(a, b, xp):
+    """(x, solved): a (B, n, n) x = b (B, n), solved False where a is singular."""
+    if xp is torch:
+        x, info = torch.linalg.solve_ex(a, b[:, :, None])
+        return x[..., 0], info == 0
+    try:
+        return np.linalg.solve(a, b[:, :, None])[..., 0], np.ones(len(a), dtype=bool)
+    except np.linalg.LinAlgError:  # one singular matrix fails the batch: solve them one by one
+        x, solved = np.zeros_like(b), np.ones(len(a), dtype=bool)
+        for i in range(len(a)):
+            try:
+                x[i] = np.linalg.solve(a[i], b[i])
+            except np.linalg.LinAlgError:
+                solved[i] = False
+        return x, solved

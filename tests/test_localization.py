@@ -185,3 +185,26 @@ def test_exponential_model_recovers_positions_and_decay():
 
     with pytest.raises(ValueError, match="model must be one of"):
         localize_amplitude_vectors(amps[:2], main[:2], geom, channel_index, model="dipole")
+
+
+@pytest.mark.parametrize("model", ["pointsource", "exponential"])
+def test_numpy_fit_agrees_with_the_torch_fit(model):
+    """The CPU fits in numpy, CUDA in torch: the same steps, so the same positions up to rounding
+    (which the accept-if-better steps may carry further on a rare spike)."""
+    from dartsort_si import localization as loc
+
+    rng = np.random.default_rng(3)
+    geom = neuropixels_geom()
+    channel_index = make_channel_index(geom, RADIUS_UM)
+    truth, clean = simulate_sources(1500, geom, rng)
+    noisy = clean + rng.normal(size=clean.shape)
+    main = noisy.argmax(axis=1)
+    amps = on_neighborhoods(noisy, main, channel_index)
+    fit = loc._MODELS[model]
+    batch = loc._neighborhood_batch(amps, main, geom, channel_index, RADIUS_UM, None)
+    in_numpy = loc._fit_batch(*batch, 30, fit)
+    in_torch = loc._fit_batch(*(torch.as_tensor(a, dtype=torch.float64) for a in batch), 30, fit).numpy()
+    assert isinstance(batch[0], np.ndarray) and in_numpy.shape == in_torch.shape == (1500, fit.n_params + 1)
+    apart = np.abs(in_numpy[:, :3] - in_torch[:, :3]).max(1)  # um
+    assert np.quantile(apart, 0.9) < 1e-6 and apart.max() < 0.1
+    assert np.median(np.abs(in_numpy - in_torch) / np.maximum(np.abs(in_torch), 1), axis=0).max() < 1e-9
