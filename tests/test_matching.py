@@ -495,3 +495,23 @@ def test_row_medians_through_numpy_equal_torchs_lower_median():
         x = torch.randn(5, m, generator=g)
         assert torch.equal(row_medians(x), x.median(1).values)
         assert torch.equal(row_mads(x), (x - x.median(1, keepdim=True).values).abs().median(1).values)
+
+
+def test_matched_filter_score_is_the_prototype_correlation_summed_over_nearby_channels():
+    """per channel: the traces correlated with the prototype, trough aligned on each time (a
+    direct sum, against the FFT matched_filter_score uses); score: weighted over channels, in
+    units of its MAD."""
+    from dartsort_si.matching import matched_filter_score, row_mads
+
+    gen = torch.Generator().manual_seed(6)
+    n, n_chans, length, n_before = 2000, 6, 41, 15
+    traces = torch.randn(n, n_chans, generator=gen)
+    prototype = torch.randn(length, generator=gen)
+    spatial = torch.rand(n_chans, n_chans, generator=gen)
+    per_channel, score = matched_filter_score(traces, prototype, spatial, n_before)
+    padded = torch.cat([torch.zeros(n_before, n_chans), traces, torch.zeros(length, n_chans)]).double()
+    direct = torch.stack([(padded[t: t + length] * prototype.double()[:, None]).sum(0) for t in range(n)])
+    assert per_channel.shape == score.shape == (n, n_chans)
+    assert torch.allclose(per_channel.double(), direct, atol=1e-4)
+    weighted = per_channel @ spatial
+    assert torch.allclose(score, weighted / (row_mads(weighted[::5].T.contiguous()) / 0.6745), atol=1e-5)
