@@ -189,16 +189,24 @@ class GlobalMedianReference(BasePreprocessor):
     sample's median over all channels subtracted from every channel. The median is read off a
     sort of the sample's channels: numpy's sort is vectorized (AVX-512) where its partition,
     which np.median uses, is not; one 1 s x 128 ch chunk 4.7 against 50 ms, the same values
-    (a sample with a NaN: the median of its other channels, where np.median gives NaN)."""
+    (a sample with a NaN: the median of its other channels, where np.median gives NaN).
+    gain (C,): then also multiplied by it per channel, as spikeinterface.preprocessing.scale
+    would after it (the same float32 products), without that step's two more passes and copy
+    over the chunk."""
 
-    def __init__(self, recording):
+    def __init__(self, recording, gain=None):
         BasePreprocessor.__init__(self, recording, dtype="float32")
+        gain = None if gain is None else np.asarray(gain, dtype=np.float32)
         for segment in recording.segments:
-            self.add_recording_segment(_GlobalMedianReferenceSegment(segment))
-        self._kwargs = dict(recording=recording)
+            self.add_recording_segment(_GlobalMedianReferenceSegment(segment, gain))
+        self._kwargs = dict(recording=recording, gain=None if gain is None else gain.tolist())
 
 
 class _GlobalMedianReferenceSegment(BasePreprocessorSegment):
+    def __init__(self, parent, gain):
+        BasePreprocessorSegment.__init__(self, parent)
+        self.gain = gain
+
     def get_traces(self, start_frame, end_frame, channel_indices):
         traces = self.parent_recording_segment.get_traces(start_frame, end_frame, slice(None))
         traces = traces.astype(np.float32, copy=False)
@@ -206,7 +214,10 @@ class _GlobalMedianReferenceSegment(BasePreprocessorSegment):
         m = traces.shape[1] // 2
         # np.median's mean of the two middle values, in the same float32 arithmetic
         median = ordered[:, m] if traces.shape[1] % 2 else (ordered[:, m - 1] + ordered[:, m]) / np.float32(2)
-        return traces[:, channel_indices] - median[:, None]
+        out = traces[:, channel_indices] - median[:, None]
+        if self.gain is not None:
+            out *= self.gain[channel_indices]
+        return out
 
 
 def cmr_keeps_spikes(rec) -> bool:
@@ -229,6 +240,8 @@ def _standardize(rec):
 
     noise = mad_noise_levels(rec)
     noise = np.where(noise > 0, noise, 1.0)
+    if isinstance(rec, GlobalMedianReference):  # the scaling joins the median reference's pass
+        return GlobalMedianReference(rec._kwargs["recording"], gain=1.0 / noise)
     return spre.scale(rec, gain=1.0 / noise, dtype="float32")
 
 

@@ -201,6 +201,13 @@ def test_median_reference_equals_spikeinterfaces_on_even_and_odd_channel_counts(
         np.testing.assert_array_equal(ours.get_traces(channel_ids=some, start_frame=100, end_frame=900),
                                       theirs.get_traces(channel_ids=some, start_frame=100, end_frame=900))
         np.testing.assert_array_equal(si.load(ours.to_dict()).get_traces(end_frame=500), ours.get_traces(end_frame=500))
+        # with a gain: what spikeinterface's scale gives after it, bit for bit
+        gain = rng.uniform(0.2, 3, rec.get_num_channels()).astype("float32")
+        scaled = GlobalMedianReference(rec, gain=gain)
+        np.testing.assert_array_equal(scaled.get_traces(), si.scale(theirs, gain=gain, dtype="float32").get_traces())
+        assert not np.array_equal(scaled.get_traces(), ours.get_traces())
+        np.testing.assert_array_equal(si.load(scaled.to_dict()).get_traces(channel_ids=some),
+                                      scaled.get_traces(channel_ids=some))
 
 
 def test_malloc_settings_are_restored_after_the_sort_even_when_it_fails(monkeypatch):
