@@ -344,22 +344,26 @@ class TemplateMatcher(PeakDetector):
             else:
                 white = WhitenedFilter(residual, temporal[filter_mask], spatial[filter_mask], temps,
                                        self.precision, self.filter_threshold)
-        for _ in range(MAX_ITERATIONS):
-            scale, gain = self.best_scale(conv, base_norm[:, None])
+        def best_units(cols=None):
+            """The biggest gain at each time (at cols only, if given) among the units allowed
+            there, and its unit."""
+            _, gain = self.best_scale(conv if cols is None else conv[:, cols], base_norm[:, None])
             passes = gain >= thresholds[:, None]
             if white is not None:
                 # and only where subtracting the spike makes the residual smaller: without it a new
                 # unit of 108 leftover events passed on 14,852 samples (NP1 drifting seed 2)
-                passes[filter_mask] |= white.passes() & (gain[filter_mask] >= 0)
-            gain = gain.masked_fill(blocked | ~passes, -torch.inf)
-            best, unit = gain.max(0)
+                passes[filter_mask] |= white.passes(cols) & (gain[filter_mask] >= 0)
+            return gain.masked_fill((blocked if cols is None else blocked[:, cols]) | ~passes, -torch.inf).max(0)
+
+        best, best_unit = best_units()
+        for _ in range(MAX_ITERATIONS):
             # one spike per ~quarter template: overlapping ones wait for the next round
             radius = length // 4
             pooled = F.max_pool1d(best[None, None], 2 * radius + 1, 1, radius)[0, 0]
             pick = torch.nonzero(torch.isfinite(best) & (best == pooled), as_tuple=True)[0]
             if not len(pick):
                 break
-            unit = unit[pick]
+            unit = best_unit[pick]
             # picks whose templates overlap in time and channels: only the biggest this round.
             # Fitted on a residual that still holds the bigger spike, a smaller unit's template
             # takes part of it (the "echoes" at fixed lags, see ECHO_RATIO)
@@ -373,6 +377,14 @@ class TemplateMatcher(PeakDetector):
             lo = (t - REFRACTORY_SAMPLES).clamp(0, n_t)
             around = (lo[:, None] + torch.arange(2 * REFRACTORY_SAMPLES + 1, device=t.device)).clamp(max=n_t - 1)
             blocked.view(-1).index_fill_(0, (unit[:, None] * n_t + around).reshape(-1), True)
+            # the objective (and the blocks) changed within a template's length of each spike:
+            # the best units are recomputed there only (the same values; all of them every
+            # round took 15% of matching's first pass, py-spy)
+            cols = wf.rows_near(t, length - 1, n_t)
+            if cols is None:
+                best, best_unit = best_units()
+            else:
+                best[cols], best_unit[cols] = best_units(cols)
             found.append((t + self.n_before, unit, a, j))
         if not found:
             z = torch.zeros(0, dtype=torch.long, device=residual.device)
@@ -524,8 +536,8 @@ class WhitenedFilter:
         self.xc = pair_correlations(temporal, white, temps.temporal, temps.spatial)
         self.level = z * filter_noise_sd(self.conv)[:, None]
 
-    def passes(self):
-        return self.conv >= self.level
+    def passes(self, cols=None):
+        return (self.conv if cols is None else self.conv[:, cols]) >= self.level
 
     def update(self, t, unit, j, a):
         """After subtracting version j of unit (indices into the matched templates) at times t, scaled by a."""

@@ -465,7 +465,7 @@ class SubtractionPeeler(PeakDetector):
         found = []
         memo = NNMemo(len(residual), residual.shape[1], offsets, width=self.denoiser.tpca.rank)
         for _ in range(MAX_PEEL_ITERATIONS):
-            rows = None if last is None else _rows_near(last[0], w.length, len(residual))
+            rows = None if last is None else wf.rows_near(last[0], w.length, len(residual))
             t, c, _ = wf.find_peaks(residual, self.threshold, self.peak_sign, g.dedup_index,
                                     self.dedup_samples, valid=valid, rows=rows)
             if last is not None:
@@ -596,16 +596,6 @@ class CollisionCleanedFeatures(PipelineNode):
         on_feat = take_channels(cleaned, g.feat_in_sub[chans])[:, w.feature_start: w.feature_end]
         feats = self.feature_tpca.transform(on_feat) * wf.neighbour_mask(g.featurization_index, chans)[:, None, :]
         return feats.cpu().numpy().astype(np.float32)
-
-
-def _rows_near(times, window, n_rows):
-    """Sorted sample indices within +-window of any of times, or None when they cover
-    most of the chunk (then one search of the whole chunk is cheaper). Looking only there
-    finds what _near keeps: a whole-chunk search each round was 7% of a sort (py-spy)."""
-    if len(times) * (2 * window + 1) > n_rows // 2:
-        return None
-    rows = (times[:, None] + torch.arange(-window, window + 1, device=times.device)).reshape(-1)
-    return torch.unique(rows.clamp(0, n_rows - 1))
 
 
 def _near(times, chans, ref_times, ref_chans, conflicts, window):
