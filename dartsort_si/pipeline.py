@@ -244,19 +244,6 @@ def _run(recording, out: Path, cfg, motion, si_motion, dredge_motion_est, initia
         torch.set_num_threads(threads)
 
 
-@contextmanager
-def _all_cores(device):
-    """Within: torch, BLAS and OpenMP use every core (a step that runs in the main thread alone)."""
-    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
-    if device.type == "cpu":
-        torch.set_num_threads(cores)
-    try:
-        with threadpool_limits(limits=cores):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device, job_kwargs, initial_detection):
     from . import steps
 
@@ -278,18 +265,17 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
 
     final = out / "dartsort_sorting.npz"
     try:
-        with _all_cores(device):
+        with steps.all_cores(device):
             models = steps.fit_models(ctx)
     except steps.NoSpikes as err:
         return _empty_result(recording, final, f"{err} The sorting is empty.")
     detected = steps.subtract(ctx, models)
-    with _all_cores(device):
-        motion_info = steps.motion_step(ctx, detected, motion, si_motion, dredge_motion_est)
+    motion_info = steps.motion_step(ctx, detected, motion, si_motion, dredge_motion_est)
     result = DARTsortReturn(sorting=None, motion=motion_info if motion_info.drifting else None,
                             si_motion=motion_info.si_motion if motion_info.drifting else None)
     if cfg.dredge_only:
         return result
-    with _all_cores(device):
+    with steps.all_cores(device):
         sorting = steps.initial_clustering(ctx, detected, motion_info, models)
     if sorting.n_units == 0:
         # a quiet recording or one without units: an empty result, not an error

@@ -261,3 +261,25 @@ def test_thread_workers_leave_the_thread_pools_alone_per_chunk(gt_data, monkeypa
     assert len(calls) > 1
     with chunk_limits_off(dict(job_kwargs, max_threads_per_worker=1)):
         assert get_global_job_kwargs()["max_threads_per_worker"] == before
+
+
+def test_steps_of_the_main_thread_alone_use_every_core_and_give_them_back():
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    from dartsort_si.steps import all_cores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with all_cores(torch.device("cpu")):
+            assert torch.get_num_threads() == (os.cpu_count() or 1)
+            assert all(p["num_threads"] <= (os.cpu_count() or 1) for p in threadpool_info())
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError):
+            with all_cores(torch.device("cpu")):
+                raise RuntimeError("a step failed")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
