@@ -298,3 +298,24 @@ def test_profile_summary_splits_samples_by_stage(tmp_path, capsys):
     assert "75.0%  find_peaks (waveforms.py)" in out and "75.0%  line 410 -> find_peaks" in out
     assert "## matching: 60 samples, 60.0% of all" in out
     assert "## preprocessing" not in out
+
+
+def test_template_fit_excess_aligns_and_scales(rb):
+    """template_fit.excess: snippets holding a scaled, shifted copy of the template leave nothing
+    over the noise once aligned and scaled; a template of another shape leaves its misfit."""
+    spec = importlib.util.spec_from_file_location("template_fit", ROOT / "benchmarks" / "template_fit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    length, chans, m = 30, 4, mod.MAX_SHIFT
+    template = np.zeros((length, chans))
+    template[10:14, :2] = [[-1.0, -0.5], [-3.0, -1.5], [-2.0, -1.0], [1.0, 0.5]]
+    snippets = np.zeros((6, length + 2 * m, chans))
+    for i, shift in enumerate([-3, -1, 0, 0, 2, 4]):
+        snippets[i, m + shift:m + shift + length] = 1.5 * template
+    left, scale = mod.excess(snippets, template)
+    support = 2 * length  # the template's two channels
+    assert scale == pytest.approx(1.5)
+    assert left == pytest.approx(-support)  # no residual: minus the noise the support would hold
+    other = template + rng.normal(0, 0.5, template.shape) * (np.abs(template) > 0)
+    assert mod.excess(snippets, other)[0] > -support + 0.5
