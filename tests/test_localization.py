@@ -208,3 +208,19 @@ def test_numpy_fit_agrees_with_the_torch_fit(model):
     apart = np.abs(in_numpy[:, :3] - in_torch[:, :3]).max(1)  # um
     assert np.quantile(apart, 0.9) < 1e-6 and apart.max() < 0.1
     assert np.median(np.abs(in_numpy - in_torch) / np.maximum(np.abs(in_torch), 1), axis=0).max() < 1e-9
+
+
+def test_batches_fitted_side_by_side_give_the_serial_fits():
+    """n_threads > 1: the batches run in threads, each written to its own rows: the same array."""
+    rng = np.random.default_rng(5)
+    geom = neuropixels_geom()
+    channel_index = make_channel_index(geom, RADIUS_UM)
+    _, clean = simulate_sources(700, geom, rng)
+    noisy = clean + rng.normal(size=clean.shape)
+    main = noisy.argmax(axis=1)
+    amps = on_neighborhoods(noisy, main, channel_index)
+    serial = localize_amplitude_vectors(amps, main, geom, channel_index, batch_size=128, model="exponential")
+    threaded = localize_amplitude_vectors(amps, main, geom, channel_index, batch_size=128, model="exponential",
+                                          n_threads=3)
+    assert np.isfinite(serial[:, :3]).all()
+    np.testing.assert_array_equal(threaded, serial)
