@@ -187,19 +187,25 @@ def test_exponential_model_recovers_positions_and_decay():
         localize_amplitude_vectors(amps[:2], main[:2], geom, channel_index, model="dipole")
 
 
+def noisy_amplitude_vectors(n, seed):
+    """(geom, channel_index, amplitude vectors on the main channels' neighbourhoods, main
+    channels) of n simulated sources with unit noise on a Neuropixels geometry."""
+    rng = np.random.default_rng(seed)
+    geom = neuropixels_geom()
+    channel_index = make_channel_index(geom, RADIUS_UM)
+    _, clean = simulate_sources(n, geom, rng)
+    noisy = clean + rng.normal(size=clean.shape)
+    main = noisy.argmax(axis=1)
+    return geom, channel_index, on_neighborhoods(noisy, main, channel_index), main
+
+
 @pytest.mark.parametrize("model", ["pointsource", "exponential"])
 def test_numpy_fit_agrees_with_the_torch_fit(model):
     """The CPU fits in numpy, CUDA in torch: the same steps, so the same positions up to rounding
     (which the accept-if-better steps may carry further on a rare spike)."""
     from dartsort_si import localization as loc
 
-    rng = np.random.default_rng(3)
-    geom = neuropixels_geom()
-    channel_index = make_channel_index(geom, RADIUS_UM)
-    truth, clean = simulate_sources(1500, geom, rng)
-    noisy = clean + rng.normal(size=clean.shape)
-    main = noisy.argmax(axis=1)
-    amps = on_neighborhoods(noisy, main, channel_index)
+    geom, channel_index, amps, main = noisy_amplitude_vectors(1500, seed=3)
     fit = loc._MODELS[model]
     batch = loc._neighborhood_batch(amps, main, geom, channel_index, RADIUS_UM, None)
     in_numpy = loc._fit_batch(*batch, 30, fit)
@@ -212,13 +218,7 @@ def test_numpy_fit_agrees_with_the_torch_fit(model):
 
 def test_batches_fitted_side_by_side_give_the_serial_fits():
     """n_threads > 1: the batches run in threads, each written to its own rows: the same array."""
-    rng = np.random.default_rng(5)
-    geom = neuropixels_geom()
-    channel_index = make_channel_index(geom, RADIUS_UM)
-    _, clean = simulate_sources(700, geom, rng)
-    noisy = clean + rng.normal(size=clean.shape)
-    main = noisy.argmax(axis=1)
-    amps = on_neighborhoods(noisy, main, channel_index)
+    geom, channel_index, amps, main = noisy_amplitude_vectors(700, seed=5)
     serial = localize_amplitude_vectors(amps, main, geom, channel_index, batch_size=128, model="exponential")
     threaded = localize_amplitude_vectors(amps, main, geom, channel_index, batch_size=128, model="exponential",
                                           n_threads=3)
