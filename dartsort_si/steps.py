@@ -422,11 +422,13 @@ def motion_spikes(ctx, detected):
     0.79 um from point-source depths with the same off-probe filter)."""
     if _covers_all(ctx):
         g = ctx.geometry
-        # the main thread alone, between the chunked passes: its fits in batches side by side
-        # (52k spikes of the 300 s x 128 ch case: 5.1 -> 2.5-2.8 s on 2 cores, the same fits)
+        # the main thread alone, between the chunked passes: its fits in batches side by side on
+        # the cores the workers and their torch threads share (52k spikes of the 300 s x 128 ch
+        # case: 5.1 -> 2.5-2.8 s on 2, the same fits)
+        cores = int(ctx.job_kwargs.get("n_jobs", 1)) * torch.get_num_threads()
         locs = localize_amplitude_vectors(detected.denoised_ptp_amplitude_vectors, detected.channels, g.geom,
                                           g.localization_index.cpu().numpy(), device=ctx.device,
-                                          model="exponential", n_threads=os.cpu_count() or 1)
+                                          model="exponential", n_threads=cores)
         return detected.times_samples, locs[:, 2], detected.denoised_ptp_amplitudes
     path = ctx.out / "motion_peaks.h5"
     if not path.exists():
