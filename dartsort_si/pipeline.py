@@ -255,9 +255,8 @@ def _run_steps(recording, out, cfg, motion, si_motion, dredge_motion_est, device
         if cfg.copy_recording_to_tmpdir:
             rec = steps.copy_recording(rec, out, cfg, job_kwargs)
         elif not (out / "dartsort_sorting.npz").exists():  # a finished sort resumes without reading
-            # all the cores the workers and their torch threads share
-            cores = job_kwargs["n_jobs"] * torch.get_num_threads()
-            rec = cache_in_memory(rec, cores, job_kwargs["chunk_size"], threads=job_kwargs["pool_engine"] == "thread")
+            rec = cache_in_memory(rec, steps.shared_cores(job_kwargs), job_kwargs["chunk_size"],
+                                  threads=job_kwargs["pool_engine"] == "thread")
     geom = rec.get_channel_locations()
     window = SnippetWindow.from_config(cfg, rec.sampling_frequency)
     geometry = Geometry.build(geom, cfg, device)

@@ -314,6 +314,13 @@ def fit_models(ctx):
     return models
 
 
+def shared_cores(job_kwargs) -> int:
+    """The cores the sort's workers and their torch threads share (n_jobs x torch threads): what
+    the main thread may use alone between the chunked passes (the in-memory fill, motion's
+    localization)."""
+    return int(job_kwargs.get("n_jobs", 1)) * torch.get_num_threads()
+
+
 @contextmanager
 def all_cores(device):
     """Within: torch, BLAS and OpenMP use every core, for work the main thread does alone (model
@@ -422,13 +429,11 @@ def motion_spikes(ctx, detected):
     0.79 um from point-source depths with the same off-probe filter)."""
     if _covers_all(ctx):
         g = ctx.geometry
-        # the main thread alone, between the chunked passes: its fits in batches side by side on
-        # the cores the workers and their torch threads share (52k spikes of the 300 s x 128 ch
-        # case: 5.1 -> 2.5-2.8 s on 2, the same fits)
-        cores = int(ctx.job_kwargs.get("n_jobs", 1)) * torch.get_num_threads()
+        # the main thread alone, between the chunked passes: its fits in batches side by side
+        # (52k spikes of the 300 s x 128 ch case: 5.1 -> 2.5-2.8 s on 2 cores, the same fits)
         locs = localize_amplitude_vectors(detected.denoised_ptp_amplitude_vectors, detected.channels, g.geom,
                                           g.localization_index.cpu().numpy(), device=ctx.device,
-                                          model="exponential", n_threads=cores)
+                                          model="exponential", n_threads=shared_cores(ctx.job_kwargs))
         return detected.times_samples, locs[:, 2], detected.denoised_ptp_amplitudes
     path = ctx.out / "motion_peaks.h5"
     if not path.exists():
