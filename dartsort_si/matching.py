@@ -35,6 +35,15 @@ leftover_dtype = np.dtype([
 ])
 
 SVD_RANK = 5
+# low_rank_factors drops a template's components whose singular value is under this many times
+# the largest singular value of the noise left in an average of its spikes. At 1x, components at
+# the noise's own level stayed (217 of 225 rows for the 45 templates of the 300 s NP1 case; 135 at
+# 2x): they add noise to a template and its squared norm, and the objective computes every row.
+# Rematch from templates1 of the 24 draws (well detected): 1x 870, 2x 878 (+1 on NP1 seeds 1, 2,
+# 3, 7, 8, NP2 seeds 3, 7, +2 static seed 7, -1 static seed 5: GT 11, SNR 2.3, 0.80 -> 0.68;
+# mostly units of SNR 2-4 taken more often), 3x 877 (NP1 seed 1 35, against 37 at 2x). Matching's
+# first pass 192-202 -> 160 ms per chunk (300 s NP1, one thread).
+NOISE_COMPONENT_FACTOR = 2.0
 # a unit's drift-binned mean of n spikes (templates.SUPERRES_BIN_UM) is weighted n / (n + this)
 # against its kriged registered template where the unit sits in that bin: a bin of 20 spikes
 # counts half. Not tuned; a bin's mean is projected on the unit's SVD_RANK temporal factors, so
@@ -327,7 +336,7 @@ class TemplateMatcher(PeakDetector):
         blocked = torch.zeros((n_units, n_t), dtype=torch.bool, device=residual.device)
         overlap = unit_overlaps(temps.base())
         found = []
-        conv = self.convolve(project(residual, spatial), temporal)  # (K, n_t)
+        conv = objective(residual, temporal, spatial)  # (K, n_t)
         xc = pair_correlations(temporal, spatial, temps.temporal, spatial)
         # a unit may take a spike when its gain passes its own threshold (the same for all but
         # filter units), and among those the biggest gain wins. Competing on the gain over one's own
@@ -517,6 +526,26 @@ def noise_precision(chunks, quiet_z: float = NOISE_QUIET_Z, ridge: float = NOISE
     return torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=cov.dtype)).float()
 
 
+def objective(residual, temporal, spatial):
+    """(K, n_t) dot products of residual (T, C) with each low-rank template (temporal (K, r, L),
+    spatial (K, r, C)) at every time: the residual projected on the spatial factors and
+    convolved with the temporal ones, for the (unit, component) rows whose spatial factor is not
+    zero only (low_rank_factors zeroes the components under the templates' noise; kriging and
+    the drift bins keep them zero), the rows of a unit then summed."""
+    n_units, rank, n_chans = spatial.shape
+    flat = spatial.reshape(-1, n_chans)
+    live = torch.nonzero(flat.abs().amax(1) > 0, as_tuple=True)[0] if flat.numel() else None
+    if live is None or len(live) == len(flat):
+        return TemplateMatcher.convolve(project(residual, spatial), temporal)
+    length = temporal.shape[2]
+    if not len(live):
+        return residual.new_zeros((n_units, len(residual) - length + 1))
+    proj = wf.matmul(flat[live], residual.T)  # (P, T)
+    rows = F.conv1d(proj[None], temporal.reshape(-1, 1, length)[live], groups=len(live))[0]
+    out = rows.new_zeros((n_units, rows.shape[1]))
+    return out.index_add_(0, live // rank, rows)
+
+
 def project(residual, spatial):
     """(T, K r) residual (T, C) projected on spatial components (K, r, C), as the transposed view
     of a (K r, T) product: convolve's conv1d reads that layout as it is, where it copied a (T, K r)
@@ -532,7 +561,7 @@ class WhitenedFilter:
 
     def __init__(self, residual, temporal, spatial, temps, precision, z):
         white = wf.matmul(spatial, precision)  # (k, r, C)
-        self.conv = TemplateMatcher.convolve(project(residual, white), temporal)  # (k, n_t)
+        self.conv = objective(residual, temporal, white)  # (k, n_t)
         self.xc = pair_correlations(temporal, white, temps.temporal, temps.spatial)
         self.level = z * filter_noise_sd(self.conv)[:, None]
 
@@ -613,13 +642,13 @@ def subtract_waveforms(residual: torch.Tensor, waves: torch.Tensor, starts: torc
     return rows
 
 
-def low_rank_factors(data: np.ndarray, rank: int, counts=None):
+def low_rank_factors(data: np.ndarray, rank: int, counts=None, noise_factor: float | None = None):
     """(K, L, C) templates, each replaced by its best approximation (time x channels) of rank at
     most `rank`, as factors: temporal (K, r, L), orthonormal rows, and spatial (K, r, C). With
     counts (spikes averaged per template, 0 for unknown), components under the noise of an
-    average of that many snippets are dropped too (their spatial rows zeroed): the largest
-    singular value of an L x C matrix of white noise of sd 1/sqrt(count) is about
-    (sqrt(L) + sqrt(C)) / sqrt(count)."""
+    average of that many snippets are dropped too (their spatial rows zeroed): those under
+    noise_factor (default NOISE_COMPONENT_FACTOR) times the largest singular value of an L x C
+    matrix of white noise of sd 1/sqrt(count), about (sqrt(L) + sqrt(C)) / sqrt(count)."""
     u, s, vh = np.linalg.svd(data.astype(np.float64), full_matrices=False)
     r = min(rank, s.shape[1])
     u, s, vh = u[:, :, :r], s[:, :r], vh[:, :r]
@@ -627,7 +656,8 @@ def low_rank_factors(data: np.ndarray, rank: int, counts=None):
         counts = np.asarray(counts, dtype=np.float64)
         n_chans = (np.abs(data).max(1) > 0).sum(1)
         floor = np.where(counts > 0, (np.sqrt(data.shape[1]) + np.sqrt(n_chans)) / np.sqrt(np.maximum(counts, 1)), 0.0)
-        keep = s > floor[:, None]
+        factor = NOISE_COMPONENT_FACTOR if noise_factor is None else noise_factor
+        keep = s > factor * floor[:, None]
         keep[:, 0] = True
         s = s * keep
     return u.transpose(0, 2, 1).astype(np.float32), (s[:, :, None] * vh).astype(np.float32)

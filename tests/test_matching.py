@@ -5,7 +5,8 @@ big units among the matched spikes are dropped."""
 import numpy as np
 import torch
 
-from dartsort_si.matching import (LowRankTemplates, TemplateMatcher, noise_precision, pair_correlations,
+from dartsort_si.matching import (LowRankTemplates, TemplateMatcher, low_rank_factors, noise_precision, objective,
+                                  pair_correlations,
                                   subtract_waveforms, time_locked_echoes, update_objective)
 
 
@@ -58,6 +59,40 @@ def _trains(seed=0, duration=1_800_000):
     own = np.sort(rng.choice(duration - 200, 400, replace=False) + 100)
     echoes = np.concatenate([big[::2] - 40, big[1::3] + 17])
     return big, own, echoes
+
+
+def test_objective_of_templates_with_dropped_components_equals_the_full_convolution():
+    # units with 5, 3, 1 and 0 live components (spatial rows zeroed as low_rank_factors drops
+    # them): the objective from the live rows only equals every row's projection and convolution
+    gen = torch.Generator().manual_seed(3)
+    rank, length, n_chans = 5, 41, 12
+    temporal = torch.randn(4, rank, length, generator=gen)
+    spatial = torch.randn(4, rank, n_chans, generator=gen)
+    spatial[1, 3:] = 0
+    spatial[2, 1:] = 0
+    spatial[3] = 0
+    residual = torch.randn(500, n_chans, generator=gen)
+    full = TemplateMatcher.convolve(residual @ spatial.reshape(-1, n_chans).T, temporal)
+    got = objective(residual, temporal, spatial)
+    assert got.shape == full.shape == (4, 500 - length + 1)
+    assert torch.allclose(got, full, atol=1e-4 * float(full.abs().max()))
+    assert (got[3] == 0).all() and (got[:3].abs().amax(1) > 0).all()
+
+
+def test_template_components_at_the_noise_level_are_dropped():
+    # a template averaged from 100 spikes, with components at 20, 4 and 1.5 (three of them) times
+    # the largest singular value of the noise such an average holds: those at 1.5x are dropped
+    # (NOISE_COMPONENT_FACTOR), the two others kept
+    rng = np.random.default_rng(0)
+    length, n_chans, count = 121, 40, 100
+    floor = (np.sqrt(length) + np.sqrt(n_chans)) / np.sqrt(count)
+    u, _ = np.linalg.qr(rng.standard_normal((length, 5)))
+    v, _ = np.linalg.qr(rng.standard_normal((n_chans, 5)))
+    data = (u @ np.diag(floor * np.array([20, 4, 1.5, 1.5, 1.5])) @ v.T)[None].astype(np.float32)
+    _, spatial = low_rank_factors(data, 5, counts=[count])
+    assert (np.abs(spatial[0]).sum(1) > 0).tolist() == [True, True, False, False, False]
+    _, spatial = low_rank_factors(data, 5)  # no counts: every component kept
+    assert (np.abs(spatial[0]).sum(1) > 0).all()
 
 
 def test_no_small_template_is_fitted_to_a_bigger_spike_picked_in_the_same_round():
