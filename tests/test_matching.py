@@ -80,15 +80,15 @@ def test_objective_of_templates_with_dropped_components_equals_the_full_convolut
 
 
 def test_template_components_at_the_noise_level_are_dropped():
-    # a template averaged from 100 spikes, with components at 20, 4 and 1.5 (three of them) times
-    # the largest singular value of the noise such an average holds: those at 1.5x are dropped
+    # a template averaged from 100 spikes, with components at 20, 4 and 1.25 (three of them) times
+    # the largest singular value of the noise such an average holds: those at 1.25x are dropped
     # (NOISE_COMPONENT_FACTOR), the two others kept
     rng = np.random.default_rng(0)
     length, n_chans, count = 121, 40, 100
     floor = (np.sqrt(length) + np.sqrt(n_chans)) / np.sqrt(count)
     u, _ = np.linalg.qr(rng.standard_normal((length, 5)))
     v, _ = np.linalg.qr(rng.standard_normal((n_chans, 5)))
-    data = (u @ np.diag(floor * np.array([20, 4, 1.5, 1.5, 1.5])) @ v.T)[None].astype(np.float32)
+    data = (u @ np.diag(floor * np.array([20, 4, 1.25, 1.25, 1.25])) @ v.T)[None].astype(np.float32)
     _, spatial = low_rank_factors(data, 5, counts=[count])
     assert (np.abs(spatial[0]).sum(1) > 0).tolist() == [True, True, False, False, False]
     _, spatial = low_rank_factors(data, 5)  # no counts: every component kept
