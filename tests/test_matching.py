@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from dartsort_si.matching import (LowRankTemplates, TemplateMatcher, low_rank_factors, noise_precision, objective,
-                                  pair_correlations,
-                                  subtract_waveforms, time_locked_echoes, update_objective)
+                                  pair_correlations, subtract_waveforms, time_locked_echoes, update_objective)
 
 
 def _objective_after_subtractions(times, n_t=3000, seed=0, whitened=False, apart=False):
