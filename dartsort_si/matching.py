@@ -537,8 +537,8 @@ def objective(residual, temporal, spatial):
     the drift bins keep them zero), the rows of a unit then summed."""
     n_units, rank, n_chans = spatial.shape
     flat = spatial.reshape(-1, n_chans)
-    live = torch.nonzero(flat.abs().amax(1) > 0, as_tuple=True)[0] if flat.numel() else None
-    if live is None or len(live) == len(flat):
+    live = torch.nonzero(flat.abs().amax(1) > 0, as_tuple=True)[0]
+    if len(live) == len(flat):  # nothing dropped (or no units): the plain projection and convolution
         return TemplateMatcher.convolve(project(residual, spatial), temporal)
     length = temporal.shape[2]
     if not len(live):
@@ -645,12 +645,12 @@ def subtract_waveforms(residual: torch.Tensor, waves: torch.Tensor, starts: torc
     return rows
 
 
-def low_rank_factors(data: np.ndarray, rank: int, counts=None, noise_factor: float | None = None):
+def low_rank_factors(data: np.ndarray, rank: int, counts=None):
     """(K, L, C) templates, each replaced by its best approximation (time x channels) of rank at
     most `rank`, as factors: temporal (K, r, L), orthonormal rows, and spatial (K, r, C). With
     counts (spikes averaged per template, 0 for unknown), components under the noise of an
     average of that many snippets are dropped too (their spatial rows zeroed): those under
-    noise_factor (default NOISE_COMPONENT_FACTOR) times the largest singular value of an L x C
+    NOISE_COMPONENT_FACTOR times the largest singular value of an L x C
     matrix of white noise of sd 1/sqrt(count), about (sqrt(L) + sqrt(C)) / sqrt(count)."""
     u, s, vh = np.linalg.svd(data.astype(np.float64), full_matrices=False)
     r = min(rank, s.shape[1])
@@ -659,8 +659,7 @@ def low_rank_factors(data: np.ndarray, rank: int, counts=None, noise_factor: flo
         counts = np.asarray(counts, dtype=np.float64)
         n_chans = (np.abs(data).max(1) > 0).sum(1)
         floor = np.where(counts > 0, (np.sqrt(data.shape[1]) + np.sqrt(n_chans)) / np.sqrt(np.maximum(counts, 1)), 0.0)
-        factor = NOISE_COMPONENT_FACTOR if noise_factor is None else noise_factor
-        keep = s > factor * floor[:, None]
+        keep = s > NOISE_COMPONENT_FACTOR * floor[:, None]
         keep[:, 0] = True
         s = s * keep
     return u.transpose(0, 2, 1).astype(np.float32), (s[:, :, None] * vh).astype(np.float32)
